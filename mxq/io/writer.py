@@ -1,0 +1,119 @@
+"""Atomic, streaming checkpoint writer for the exact HF gpt-oss layout (format spec 1.2, 1.3, 2, 10).
+
+Tensors arrive from an iterator and are flushed shard by shard, so at most one shard is in memory. Files
+are written into a hidden temporary folder beside the target, which is renamed into place only when
+everything (shards, index, config, tokenizer) is complete: an interrupted write leaves no folder that
+looks like a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors.torch import save_file
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+MXFP4_QUANT_CONFIG = {
+    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+    "quant_method": "mxfp4",
+}
+
+
+class AtomicFolder:
+    """``with AtomicFolder(out) as tmp:`` write into ``tmp``; renamed to ``out`` only on success."""
+
+    def __init__(self, out_dir: str | Path, overwrite: bool = False):
+        self.out = Path(out_dir)
+        self.overwrite = overwrite
+        self.tmp = self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and not self.overwrite:
+            raise FileExistsError(f"{self.out}: already exists (pass overwrite=True to replace it)")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.out, old)
+        os.rename(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 prefix: str = "model") -> dict[str, str]:
+    """Write sharded safetensors + ``{prefix}.safetensors.index.json``; returns the weight map.
+
+    Shards are named like transformers' ``save_pretrained`` (``model-00001-of-00003.safetensors``, or
+    ``model.safetensors`` when one shard suffices); loaders use the index, not the names (spec 1.1).
+    """
+    shards: list[list[str]] = []
+    buf: dict[str, torch.Tensor] = {}
+    size = total = 0
+    seen: set[str] = set()
+
+    def flush() -> None:
+        nonlocal buf, size
+        if buf:
+            save_file(buf, str(folder / f".shard-{len(shards)}.tmp"), metadata={"format": "pt"})
+            shards.append(list(buf))
+            buf, size = {}, 0
+
+    for name, t in tensors:
+        if name in seen:
+            raise ValueError(f"tensor {name!r} written twice")
+        seen.add(name)
+        t = t.detach().to("cpu").contiguous()
+        nb = t.numel() * t.element_size()
+        if buf and size + nb > shard_bytes:
+            flush()
+        buf[name] = t
+        size += nb
+        total += nb
+    flush()
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    for i, names in enumerate(shards):
+        fname = f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.rename(folder / f".shard-{i}.tmp", folder / fname)
+        weight_map.update({k: fname for k in names})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return weight_map
+
+
+def write_checkpoint(out_dir: str | Path, config: dict, tensors: Iterable[tuple[str, torch.Tensor]],
+                     extra_files: dict[str, bytes | str | Path] | None = None,
+                     generation_config: dict | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                     overwrite: bool = False, subdir_files: dict[str, Iterator] | None = None) -> Path:
+    """Atomically write config.json, generation_config.json, shards + index and ``extra_files``."""
+    with AtomicFolder(out_dir, overwrite) as tmp:
+        write_shards(tmp, tensors, shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if generation_config is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+        for name, content in (extra_files or {}).items():
+            dst = tmp / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, Path):
+                shutil.copyfile(content, dst)
+            elif isinstance(content, bytes):
+                dst.write_bytes(content)
+            else:
+                dst.write_text(content)
+        for sub, fn in (subdir_files or {}).items():
+            (tmp / sub).mkdir(parents=True, exist_ok=True)
+            fn(tmp / sub)
+    return Path(out_dir)

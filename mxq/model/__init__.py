@@ -1,0 +1,6 @@
+"""mxq's GPT-OSS model: exact forward pass with packed experts."""
+from .cache import KVCache
+from .gptoss import CausalLMOutput, GptOssForCausalLM
+from .observe import MoEObserver, observe
+
+__all__ = ["CausalLMOutput", "GptOssForCausalLM", "KVCache", "MoEObserver", "observe"]
