@@ -11,6 +11,7 @@ from ..config import GptOssConfig
 
 FLOAT = ("BF16", "F32", "F16")   # 1-D/2-D float tensors: published files are BF16; F32/F16 load exactly too
 U8 = ("U8",)
+BF16 = ("BF16",)  # unquantized experts are held as the "bf16" format: stored BF16, kept exactly
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,8 @@ def hf_tensors(cfg: GptOssConfig, experts: str) -> dict[str, Expected]:
             })
         else:  # transformers' dequantized layout: input-major ("transposed"), spec 2.2
             out.update({
-                p + "mlp.experts.gate_up_proj": Expected((E, H, 2 * I), FLOAT),
-                p + "mlp.experts.down_proj": Expected((E, I, H), FLOAT),
+                p + "mlp.experts.gate_up_proj": Expected((E, H, 2 * I), BF16),
+                p + "mlp.experts.down_proj": Expected((E, I, H), BF16),
             })
     return out
 

@@ -172,7 +172,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: to
                         "scales": put(src.get(f"{p}mlp.experts.{hf}_scales"), None),   # [E, out, in/32]
                     }, {"axis": 1, "block": 32})
                 else:
-                    w = put(src.get(f"{p}mlp.experts.{hf}"), dtype)                     # [E, in, out]
+                    w = put(src.get(f"{p}mlp.experts.{hf}"), None)                      # [E, in, out] bf16
                     ex.set_stacked(kind, "bf16", {"weight": w.transpose(1, 2).contiguous()})  # [E, out, in]
     model.rope = Rope(cfg).to(device)
     leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]

@@ -1,0 +1,35 @@
+"""Shared fixtures: small synthetic GPT-OSS checkpoints in the exact published layout.
+
+``make_ckpt(name, **kw)`` builds (once per session) a checkpoint with ``mxq.synth.synth``; the defaults
+are the embedded model's dimensions with 2 layers, so every test exercises the real layout and math.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def make_ckpt(tmp_path_factory) -> Callable[..., Path]:
+    from mxq.synth import synth
+
+    made: dict[tuple, Path] = {}
+
+    def make(experts: str = "mxfp4", seed: int = 0, layers: int = 2, with_original: bool = False,
+             **overrides) -> Path:
+        key = (experts, seed, layers, with_original, tuple(sorted(overrides.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp("ckpt") / f"{experts}-{seed}-{layers}"
+            over = {"num_hidden_layers": layers, **overrides}
+            made[key] = synth(out, "tiny", experts, seed, "cpu", with_original, over)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(make_ckpt) -> Path:
+    """2-layer tiny-preset checkpoint with MXFP4 experts (and the original/ folder)."""
+    return make_ckpt("mxfp4", with_original=True)
