@@ -52,7 +52,8 @@ class Format:
 
     name: str = ""
 
-    def quantize(self, w: Tensor, axis: int = -1) -> Packed:  # pragma: no cover - abstract
+    def quantize(self, w: Tensor, axis: int = -1, *, name: str | None = None) -> Packed:  # pragma: no cover
+        """Pack ``w`` along its contraction ``axis``; ``name`` (e.g. the checkpoint key) labels error messages."""
         raise NotImplementedError
 
     def dequantize(self, p: Packed, dtype: torch.dtype = torch.float32) -> Tensor:  # pragma: no cover
@@ -75,8 +76,13 @@ class Format:
 
 
 def check_finite(w: Tensor, name: str = "weight") -> None:
-    """Reject NaN/Inf before quantizing: a non-finite value would silently poison a whole block's scale."""
-    if not torch.isfinite(w).all():
+    """Reject NaN/Inf before quantizing: a non-finite value would silently poison a whole block's scale.
+
+    One ``aminmax`` pass (NaN propagates through min/max) instead of an elementwise mask; the mask is only
+    built to report the first bad index.
+    """
+    lo, hi = torch.aminmax(w)
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         bad = (~torch.isfinite(w)).nonzero()[0].tolist()
         raise FormatError(f"{name}: non-finite value (NaN or Inf) at index {bad}; refusing to quantize")
 
@@ -95,12 +101,13 @@ def check_axis(w: Tensor, axis: int, block: int, name: str = "weight") -> int:
     return ax
 
 
-def as_out_in(w: Tensor, axis: int, block: int, fmt: str) -> Tensor:
+def as_out_in(w: Tensor, axis: int, block: int, fmt: str, tensor: str | None = None) -> Tensor:
     """Validate a weight and return it as ``[out, in]`` (contraction axis last), without copying when possible.
 
-    Checks, in order: a 2-D floating tensor, the axis divisible by ``block``, every value finite.
+    Checks, in order: a 2-D floating tensor, the axis divisible by ``block``, every value finite. Errors name
+    the format and the tensor (``tensor``, e.g. a checkpoint key; "weight" when not given).
     """
-    name = f"{fmt} input"
+    name = f"{fmt}: {tensor or 'weight'}"
     if not isinstance(w, Tensor):
         raise FormatError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
     if w.dim() != 2:
@@ -140,12 +147,35 @@ def check_packed(p: Packed, fmt: str, expect: dict[str, tuple[torch.dtype, tuple
             raise FormatError(f"{fmt}: tensor {key!r} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+_CONST_CACHE: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
+
+
+def const(key: str, values: tuple[float, ...], device: torch.device | str,
+          dtype: torch.dtype = torch.float32) -> Tensor:
+    """A small constant table (boundaries, code books) cached per device, so no host->device copy per call."""
+    k = (key, torch.device(device), dtype)
+    if k not in _CONST_CACHE:
+        _CONST_CACHE[k] = torch.tensor(values, dtype=dtype, device=device)
+    return _CONST_CACHE[k]
+
+
+def div(x: Tensor, c: float) -> Tensor:
+    """``x / c`` with true IEEE division on every device.
+
+    Why: on CUDA, PyTorch turns division by a Python scalar into multiplication by its reciprocal, which
+    rounds differently (e.g. ``amax / 448``); dividing by a one-element device tensor keeps CPU and GPU
+    results bit-identical.
+    """
+    return x / const(f"div:{c!r}", (c,), x.device, x.dtype)
+
+
 # Row chunks bound the temporaries (fp32 copies, codes) of a quantizer to about this many elements.
 CHUNK_ELEMS = 1 << 24
 
 
-def row_chunks(rows: int, cols: int, multiple: int = 1, chunk_elems: int = CHUNK_ELEMS) -> Iterator[slice]:
-    """Yield row slices of about ``chunk_elems`` elements each (a multiple of ``multiple`` rows)."""
-    step = max(multiple, (chunk_elems // max(cols, 1)) // multiple * multiple)
+def row_chunks(rows: int, cols: int, multiple: int = 1, chunk_elems: int | None = None) -> Iterator[slice]:
+    """Yield row slices of about ``chunk_elems`` (default ``CHUNK_ELEMS``) elements, a multiple of ``multiple`` rows."""
+    limit = CHUNK_ELEMS if chunk_elems is None else chunk_elems
+    step = max(multiple, (limit // max(cols, 1)) // multiple * multiple)
     for r0 in range(0, rows, step):
         yield slice(r0, min(rows, r0 + step))

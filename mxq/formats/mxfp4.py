@@ -1,9 +1,16 @@
-"""MXFP4 as stored in the gpt-oss checkpoints (format spec section 3; OCP Microscaling v1.0).
+"""MXFP4 as stored in the gpt-oss checkpoints (format spec section 3; OCP Microscaling spec v1.0).
 
 Element: FP4 E2M1; scale: E8M0 (a power of two, bias 127) per block of 32 along the input axis.
 Bytes: ``blocks`` [..., in/32, 16] u8, element 2j in the low nibble and 2j+1 in the high nibble;
 ``scales`` [..., in/32] u8. The quantizer follows OpenAI's Triton reference rule (spec 3.4): the scale
 is amax/6 rounded *up* to a power of two, elements round to nearest with ties away from zero.
+
+Round trip (tested in tests/test_formats_mxfp4.py): for every block with scale byte >= 1 whose dequantized
+values are finite, ``dequantize(quantize(dequantize(b, s)))`` reproduces the dequantized values exactly
+(scale byte 0 = 2^-127 is the exception: its amax/6 rounds up to 2^-126 and halves the codes). The *bytes*
+come back only for canonical blocks: scale byte in [1, 252], largest magnitude 4 or 6 (codes 6/7, so that
+amax/6 rounds up to the same power of two) and no negative zero (code 8 re-encodes as +0); an all-zero
+block re-encodes as scale byte 0 with all codes 0.
 """
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Format, FormatError, Packed, check_axis, check_finite
+from .base import Format, FormatError, Packed, as_out_in, check_packed, div, const, row_chunks
 from .registry import register_format
 
 BLOCK = 32
@@ -22,57 +29,92 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 # (">=" implements ties away from zero).
 _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
-_LUT_CACHE: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+_LUT_CACHE: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
 
 
 def fp4_lut(device: torch.device, dtype: torch.dtype) -> Tensor:
-    key = (device, dtype)
+    """The 16 E2M1 values, cached per device/dtype."""
+    key = ("lut", torch.device(device), dtype)
     if key not in _LUT_CACHE:
         _LUT_CACHE[key] = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
+    return _LUT_CACHE[key]
+
+
+def fp4_byte_lut(device: torch.device) -> Tensor:
+    """[256, 2] fp32: byte -> (value of the low nibble, value of the high nibble); one gather per byte."""
+    key = ("byte", torch.device(device), torch.float32)
+    if key not in _LUT_CACHE:
+        lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+        b = torch.arange(256)
+        _LUT_CACHE[key] = torch.stack((lut[b & 0x0F], lut[b >> 4]), dim=-1).to(device)  # [256, 2]
     return _LUT_CACHE[key]
 
 
 def e2m1_encode(v: Tensor) -> Tensor:
     """Encode already-scaled values to E2M1 codes (u8 in 0..15), nearest, ties away from zero, saturating."""
     mags = v.abs()
-    mid = torch.tensor(_MIDPOINTS, dtype=v.dtype, device=v.device)
+    mid = const("e2m1_mid", _MIDPOINTS, v.device, v.dtype)
     code = torch.bucketize(mags, mid, right=True).to(torch.uint8)  # number of midpoints <= |v|
     sign = (torch.signbit(v) & (code > 0)).to(torch.uint8) << 3   # -0.0 encodes as +0
     return code | sign
 
 
+def _quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [R, K] (any float dtype) -> (blocks u8 [R, K/32, 16], scales u8 [R, K/32])."""
+    r, k = x.shape
+    x = x.float().contiguous().reshape(r, k // BLOCK, BLOCK)  # [R, G, 32]
+    amax = x.abs().amax(dim=-1)                                       # [R, G]
+    # d = 2^ceil(log2(amax/6)) computed on the fp32 bit pattern exactly like the Triton reference.
+    bits = div(amax, 6.0).view(torch.int32)
+    bits = (bits + 0x7FFFFF) & 0x7F800000
+    biased = (bits >> 23).clamp(0, 254)                              # E8M0 scale byte (255 = NaN is never written)
+    scale = torch.where(amax == 0, torch.zeros_like(biased), biased)  # [R, G]
+    # Divide by 2^(s-127) via ldexp so that s = 0 (2^-127, subnormal in fp32) stays exact.
+    v = torch.ldexp(x, (127 - scale).unsqueeze(-1).to(torch.float32))
+    codes = e2m1_encode(v)                                            # [R, G, 32]
+    # Overflow guard (deviation from the Triton rule only where it would produce inf): a block with
+    # amax > 6 * 2^125 gets scale byte 253, and magnitude 4 * 2^126 = 2^128 is not a finite fp32.
+    # Saturate such blocks at magnitude 3 (code 5; 1.5 = code 3 for byte 254, unreachable from finite fp32)
+    # so that every dequantized value stays finite.
+    cap = (7 - 2 * (scale - 252).clamp(0, 2)).to(torch.uint8).unsqueeze(-1)  # [R, G, 1]: 7, 5 (253), 3 (254)
+    codes = torch.minimum(codes & 0x7, cap) | (codes & 0x8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)               # [R, G, 16]
+    return packed, scale.to(torch.uint8)
+
+
 def quantize_mxfp4(w: Tensor) -> tuple[Tensor, Tensor]:
     """w [..., K] (K % 32 == 0) -> (blocks u8 [..., K/32, 16], scales u8 [..., K/32]).
 
-    Work is done in fp32: every bf16/fp16 input is exactly representable there.
+    Work is done in fp32 (every bf16/fp16 input is exactly representable there), in row chunks so that
+    the temporaries stay bounded for a whole [E, out, in] expert tensor.
     """
+    if w.dim() < 1 or w.shape[-1] % BLOCK != 0:
+        raise FormatError(f"mxfp4: last dimension of {tuple(w.shape)} is not divisible by the block size {BLOCK}")
     *lead, k = w.shape
-    x = w.float().reshape(*lead, k // BLOCK, BLOCK)                  # [..., G, 32]
-    amax = x.abs().amax(dim=-1)                                       # [..., G]
-    # d = 2^ceil(log2(amax/6)) computed on the fp32 bit pattern exactly like the Triton reference.
-    bits = (amax / 6.0).view(torch.int32)
-    bits = (bits + 0x7FFFFF) & 0x7F800000
-    biased = (bits >> 23).clamp(0, 254)                              # E8M0 scale byte (255 = NaN is never written)
-    scale = torch.where(amax == 0, torch.zeros_like(biased), biased)
-    # Divide by 2^(s-127) via ldexp so that s = 0 (2^-127, subnormal in fp32) stays exact.
-    v = torch.ldexp(x, (127 - scale).unsqueeze(-1).to(torch.float32))
-    codes = e2m1_encode(v)                                            # [..., G, 32]
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)               # [..., G, 16]
-    return packed.contiguous(), scale.to(torch.uint8).contiguous()
+    x = w.reshape(-1, k)                                              # [R, K]
+    blocks = torch.empty(x.shape[0], k // BLOCK, 16, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(x.shape[0], k // BLOCK, dtype=torch.uint8, device=w.device)
+    for sl in row_chunks(x.shape[0], k):
+        blocks[sl], scales[sl] = _quantize_rows(x[sl])
+    return blocks.reshape(*lead, k // BLOCK, 16), scales.reshape(*lead, k // BLOCK)
 
 
 def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """(blocks u8 [..., G, 16], scales u8 [..., G]) -> [..., G*32] in ``dtype`` (exact unless it overflows)."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise FormatError(f"MXFP4 blocks/scales must be uint8, got {blocks.dtype}/{scales.dtype}")
-    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+    if blocks.dim() < 2 or blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
         raise FormatError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
-    lut = fp4_lut(blocks.device, torch.float32)
-    lo = lut[(blocks & 0x0F).long()]                                  # element 2j
-    hi = lut[(blocks >> 4).long()]                                    # element 2j+1
-    vals = torch.stack((lo, hi), dim=-1).flatten(-2)                  # [..., G, 32]
-    vals = torch.ldexp(vals, (scales.to(torch.int32) - 127).unsqueeze(-1).to(torch.float32))
-    return vals.flatten(-2).to(dtype)                                 # [..., G*32]
+    *lead, g, _ = blocks.shape
+    b = blocks.reshape(-1, g, 16)                                     # [R, G, 16]
+    s = scales.reshape(-1, g)                                         # [R, G]
+    out = torch.empty(b.shape[0], g * BLOCK, dtype=dtype, device=blocks.device)
+    lut = fp4_byte_lut(blocks.device)                                 # [256, 2]
+    for sl in row_chunks(b.shape[0], g * BLOCK):
+        vals = lut[b[sl].long()].flatten(-2)                          # [r, G, 32]; low nibble = element 2j
+        vals = torch.ldexp(vals, (s[sl].to(torch.int32) - 127).unsqueeze(-1).to(torch.float32))
+        out[sl] = vals.flatten(-2).to(dtype)                          # [r, G*32]
+    return out.reshape(*lead, g * BLOCK)
 
 
 @register_format("mxfp4")
@@ -82,18 +124,22 @@ class MXFP4(Format):
 
     name: str = "mxfp4"
 
-    def quantize(self, w: Tensor, axis: int = -1) -> Packed:
-        if w.dim() != 2:
-            raise FormatError(f"mxfp4: expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
-        check_finite(w, "mxfp4 input")
-        ax = check_axis(w, axis, BLOCK, "mxfp4 input")
-        x = w if ax == 1 else w.t()
+    def quantize(self, w: Tensor, axis: int = -1, *, name: str | None = None) -> Packed:
+        x = as_out_in(w, axis, BLOCK, self.name, name)  # [out, in]
         blocks, scales = quantize_mxfp4(x)
-        return Packed("mxfp4", {"blocks": blocks, "scales": scales}, tuple(x.shape), {"axis": 1, "block": BLOCK})
+        return Packed(self.name, {"blocks": blocks, "scales": scales}, tuple(x.shape), {"axis": 1, "block": BLOCK})
 
     def dequantize(self, p: Packed, dtype: torch.dtype = torch.float32) -> Tensor:
+        out, k = self._shape(p.shape)
+        check_packed(p, self.name, {"blocks": (torch.uint8, (out, k // BLOCK, 16)),
+                                    "scales": (torch.uint8, (out, k // BLOCK))})
         return dequantize_mxfp4(p.tensors["blocks"], p.tensors["scales"], dtype)
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
-        out, k = shape
+        out, k = self._shape(shape)
         return out * (k // 2) + out * (k // BLOCK)
+
+    def _shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        if len(shape) != 2 or shape[1] % BLOCK != 0:
+            raise FormatError(f"{self.name}: shape {tuple(shape)} is not [out, in] with in divisible by {BLOCK}")
+        return int(shape[0]), int(shape[1])
