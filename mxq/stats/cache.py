@@ -1,0 +1,82 @@
+"""Content hashes for the statistics cache: the model's bytes and the calibration set.
+
+Why content and not the path: a sweep of recipes over one model must compute the router statistics
+once, and a checkpoint rewritten in place (or a changed calibration file) must not reuse stale ones.
+Hashing the 13 GB of gpt-oss-20b takes seconds with xxhash (XXH3-128, not cryptographic: this guards
+against accidents, not adversaries), and each file's digest is memoised in a small JSON keyed by
+(path, size, mtime), so repeated runs only ``stat`` the files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+
+CHUNK = 16 * 1024 * 1024  # bytes read per update
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MXQ_CACHE", Path.home() / ".cache" / "mxq")).expanduser()
+
+
+def _file_digest(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def model_hash(folder: str | Path, memo: str | Path | None = None) -> str:
+    """XXH3-128 over every ``*.safetensors`` and ``config.json`` in ``folder`` (names and bytes, sorted)."""
+    folder = Path(folder).resolve()
+    files = sorted([*folder.glob("*.safetensors"), *folder.glob("config.json")])
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors or config.json to hash")
+    memo_path = Path(memo) if memo is not None else default_cache_dir() / "model_hashes.json"
+    try:
+        table = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    h, changed = xxhash.xxh3_128(), False
+    for f in files:
+        st = f.stat()
+        key = f"{f}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in table:
+            table[key], changed = _file_digest(f), True
+        h.update(f"{f.name}:{table[key]}\n".encode())
+    if changed:
+        try:
+            _write_json_atomic(memo_path, table)
+        except OSError:
+            pass  # a read-only cache only costs re-hashing next time
+    return h.hexdigest()
+
+
+def state_hash(model: torch.nn.Module) -> str:
+    """Hash of the in-memory parameters and buffers, for a model that has no source folder."""
+    h = xxhash.xxh3_128()
+    for name, t in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def stats_key(model_digest: str, calib_digest: str, dtype: torch.dtype, device: torch.device, version: int) -> str:
+    """Cache key: same model bytes, same tokens, same numerics (bf16 on GPU differs from fp32 on CPU)."""
+    h = xxhash.xxh3_128()
+    h.update(json.dumps([model_digest, calib_digest, str(dtype), device.type, version]).encode())
+    return h.hexdigest()

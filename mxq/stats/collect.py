@@ -1,0 +1,138 @@
+"""Running calibration text through the model: ``collect`` and the cached entry ``collect_or_load``.
+
+The forward pass stops before ``lm_head``: router statistics need only the MoE layers, and the logits of
+a gpt-oss batch are large (16k tokens x 201,088 vocabulary in bf16 is 6.6 GB), so computing them would
+cost memory and time for nothing. The stop is a pre-hook on ``lm_head`` that raises, the same
+early-exit device calibration pipelines (llm-compressor) use.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from ..calib import CalibSet, build_calibration
+from ..model import observe
+from .cache import model_hash, state_hash, stats_key
+from .observer import RouterObserver
+from .router_stats import VERSION, RouterStats
+
+log = logging.getLogger("mxq.stats")
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextmanager
+def skip_lm_head(model: torch.nn.Module) -> Iterator[None]:
+    """Abort the forward pass when it reaches ``lm_head`` (catch ``_StopForward`` around the call)."""
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        yield
+        return
+
+    def stop(*_: Any) -> None:
+        raise _StopForward
+
+    handle = head.register_forward_pre_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def model_digest(model: torch.nn.Module, cache_dir: Path | None = None) -> str:
+    """Content hash of the checkpoint folder the model was loaded from (its tensors if it has none)."""
+    src = getattr(model, "source", None)
+    if src and Path(src).is_dir():
+        return model_hash(src, None if cache_dir is None else Path(cache_dir) / "model_hashes.json")
+    return "state:" + state_hash(model)
+
+
+@torch.inference_mode()
+def collect(model: torch.nn.Module, calib: CalibSet, batch_size: int = 8, super_cfg: Any = None,
+            progress: bool = True) -> RouterStats:
+    """Run every calibration batch through ``model`` with a ``RouterObserver`` attached."""
+    c = model.config
+    dev = model.device
+    domains = calib.domain_names
+    obs = RouterObserver(c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok, c.hidden_size,
+                         len(domains), dev)
+    n_batches = -(-calib.input_ids.shape[0] // batch_size)
+    t0 = time.perf_counter()
+    with observe(model, obs), skip_lm_head(model):
+        for ids, mask, dom in tqdm(calib.batches(batch_size), total=n_batches, desc="router stats",
+                                   unit="batch", disable=not progress):
+            obs.begin_batch(dom, ids.shape[1], mask)
+            try:
+                model(ids.to(dev), attention_mask=mask.to(dev))
+            except _StopForward:
+                pass
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t0
+    meta = {"dtype": str(model.dtype).removeprefix("torch."), "device": str(dev), "batch_size": batch_size,
+            "seconds": round(seconds, 3), "tokens_per_s": round(calib.num_tokens / max(seconds, 1e-9), 1)}
+    return RouterStats.from_observer(obs, domains, super_cfg, calib_config=calib.config,
+                                     calib_hash=calib.config_hash, meta=meta)
+
+
+def _save_atomic(stats: RouterStats, folder: Path) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
+    try:
+        stats.save(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def collect_or_load(model: torch.nn.Module, tokenizer: Any, calib_cfg: Any, run_dir: Path, cache_dir: Path,
+                    batch_size: int, super_cfg: Any = None, plots: bool = True,
+                    progress: bool = True) -> RouterStats:
+    """Router statistics of ``model`` on ``calib_cfg``, computed once per (model bytes, tokens, dtype, device).
+
+    Writes ``router_stats.json``/``.safetensors`` and the PNG figures into ``run_dir``; the cache lives in
+    ``cache_dir/router_stats/<key>/``. Super experts are always re-detected with ``super_cfg``.
+    """
+    run_dir, cache_dir = Path(run_dir), Path(cache_dir).expanduser()
+    calib = build_calibration(calib_cfg, tokenizer)
+    mdig = model_digest(model, cache_dir)
+    key = stats_key(mdig, calib.config_hash, model.dtype, model.device, VERSION)
+    entry = cache_dir / "router_stats" / key
+    if (entry / "router_stats.json").is_file():
+        log.info("router statistics: cache hit %s (%d tokens)", entry, calib.num_tokens)
+        stats = RouterStats.load(entry, super_cfg=super_cfg if super_cfg is not None else True)
+        stats.meta["cache"] = "hit"
+    else:
+        log.info("router statistics: cache miss, collecting %d sequences x %d tokens (%s) -> %s",
+                 calib.input_ids.shape[0], calib.input_ids.shape[1], ", ".join(calib.domain_names), entry)
+        stats = collect(model, calib, batch_size, super_cfg, progress)
+        stats.model_hash = mdig
+        _save_atomic(stats, entry)
+        stats.meta["cache"] = "miss"
+        log.info("router statistics: %d tokens in %.1f s (%.0f tokens/s)", stats.tokens, stats.meta["seconds"],
+                 stats.meta["tokens_per_s"])
+    stats.meta["cache_key"] = key
+    stats.save(run_dir)
+    if stats.super_experts:
+        log.info("super experts (Su et al. 2507.23279): %s", stats.super_experts)
+    if stats.uncalibrated.any():
+        log.warning("%d experts received no calibration token (uncalibrated): %s", int(stats.uncalibrated.sum()),
+                    stats.uncalibrated_list()[:20])
+    if plots:
+        from .plots import write_plots
+
+        write_plots(stats, run_dir)
+    return stats
