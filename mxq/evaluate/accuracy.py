@@ -1,0 +1,100 @@
+"""The ``accuracy`` section: per-domain perplexity, KL / top-1 agreement vs the baseline, lm-eval tasks.
+
+One forward pass of the candidate per batch of windows feeds both the perplexity (log-prob of the
+target) and the KL (the whole distribution against the reference), so KL costs no extra candidate
+compute. Results are per domain and per task, never only an average (methods.md pain 8: FP4 formats can
+collapse one skill while the average looks fine).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .kl import Reference, kl_rows
+from .metrics import LOGLIKELIHOOD_NOTE, quantile
+from .perplexity import heldout_tokens, perplexity, sliding_windows, window_logprobs
+
+
+def _domains(spec: Any) -> list[str]:
+    from ..data.corpus import DOMAINS
+
+    if spec in (None, "all"):
+        return list(DOMAINS)
+    return [spec] if isinstance(spec, str) else list(spec)
+
+
+def _kl_summary(kl: torch.Tensor, agree: torch.Tensor) -> dict[str, float]:
+    return {"mean": float(kl.double().mean()), "p99": quantile(kl, 0.99), "max": float(kl.max()),
+            "top1_agreement": float(agree.double().mean()), "tokens": int(kl.numel())}
+
+
+@torch.no_grad()
+def heldout_accuracy(model, tokenizer, cfg: dict[str, Any], baseline_source: str | None, cache_dir: Path,
+                     run_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Perplexity per domain (+ token-weighted "mean") and KL vs ``baseline_source`` on the same tokens."""
+    pc, kc = cfg.get("perplexity", {}), cfg.get("kl", {})
+    max_len, stride = int(pc.get("max_length", 256)), int(pc.get("stride", pc.get("max_length", 256)))
+    bs = int(pc.get("batch_size", cfg.get("batch_size", 4)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    domains = _domains(pc.get("domains", "all"))
+    tokens = {d: heldout_tokens(tokenizer, d, pc.get("max_tokens")) for d in domains}
+    windows = {d: sliding_windows(len(t), max_len, stride) for d, t in tokens.items()}
+    items = [(tokens[d], w) for d in domains for w in windows[d]]                  # windows of all domains
+    item_dom = torch.tensor([i for i, d in enumerate(domains) for _ in windows[d]])  # [n_items]
+    ref = None
+    notes = [LOGLIKELIHOOD_NOTE]
+    if kc.get("enabled", True) and baseline_source:
+        ref = Reference(baseline_source, items, bs, pad, model, kc, cache_dir, progress)
+    elif kc.get("enabled", True):
+        notes.append("KL vs baseline not computed: no baseline source was given to evaluate().")
+    model.eval()
+    nll = torch.zeros(len(domains), dtype=torch.float64)
+    count = torch.zeros(len(domains), dtype=torch.long)
+    kls, agrees, doms = [], [], []
+    ref_iter = ref.batches() if ref is not None else None
+    for lq, tgt, owner in window_logprobs(model, items, bs, pad, progress, "perplexity + KL"):
+        dom = item_dom[owner]                                                          # [m]
+        nll.index_add_(0, dom, -lq.gather(-1, tgt[:, None]).squeeze(-1).double().cpu())
+        count += torch.bincount(dom, minlength=len(domains))
+        if ref_iter is not None:
+            k, a = kl_rows(next(ref_iter), lq, ref.cache_dtype)
+            kls.append(k)
+            agrees.append(a)
+            doms.append(dom)
+    ppl = {d: perplexity(float(nll[i]), int(count[i])) for i, d in enumerate(domains)}
+    ppl["mean"] = perplexity(float(nll.sum()), int(count.sum()))
+    detail = {"max_length": max_len, "stride": stride, "split": "heldout", "bos": "none (format spec 6.3)",
+              "tokens": {d: int(count[i]) for i, d in enumerate(domains)},
+              "windows": {d: len(windows[d]) for d in domains}, "batch_size": bs}
+    out: dict[str, Any] = {"perplexity": ppl, "perplexity_detail": detail, "kl_vs_baseline": None, "notes": notes}
+    if ref is not None:
+        ref.free()
+        kl_all, ag_all, dom_all = torch.cat(kls), torch.cat(agrees), torch.cat(doms)
+        per_dom = {d: (kl_all[dom_all == i], ag_all[dom_all == i]) for i, d in enumerate(domains)}
+        out["kl_vs_baseline"] = {**_kl_summary(kl_all, ag_all),
+                                 "per_domain": {d: _kl_summary(*v) for d, v in per_dom.items()},
+                                 "reference": ref.describe(), "direction": "KL(P_baseline || Q_model), nats"}
+        if run_dir is not None:   # per-token values for the report's histogram (a few KB)
+            from safetensors.torch import save_file
+
+            save_file({d: v[0].float().contiguous() for d, v in per_dom.items()},
+                      str(Path(run_dir) / "kl_per_token.safetensors"))
+    return out
+
+
+def accuracy_report(model, tokenizer, cfg: dict[str, Any], baseline_source: str | None, cache_dir: Path,
+                    run_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"perplexity": None, "kl_vs_baseline": None, "notes": [LOGLIKELIHOOD_NOTE]}
+    if cfg.get("perplexity", {}).get("enabled", True):
+        out.update(heldout_accuracy(model, tokenizer, cfg, baseline_source, cache_dir, run_dir, progress))
+    lc = cfg.get("lm_eval", {})
+    if lc.get("enabled", False):
+        from .lmeval_run import run_lm_eval
+
+        with tqdm(total=1, desc="lm-eval", disable=not progress, leave=False) as bar:
+            out["lm_eval"] = run_lm_eval(model, tokenizer, lc, run_dir)
+            bar.update(1)
+    return out

@@ -1,0 +1,167 @@
+"""Speed: TTFT, prefill and decode throughput, p50/p95 end-to-end latency, energy, APE.
+
+Protocol of Yadav & Patel, "GPT-OSS-20B: A Comprehensive Deployment-Centric Analysis" (arXiv 2508.16700):
+* TTFT is the *true* time to first token: cache allocation + prefill of the whole prompt + choosing the
+  first token, measured from the request until the first token id exists on the host side of a sync.
+* Decode throughput covers the *full* decode: (g - 1) further tokens over the time after the first token
+  (every one of the g tokens is generated; no early EOS stop, so all settings do the same work).
+* End-to-end latency per request (TTFT + decode) is reported as p50 and p95 over the repeats.
+* Energy per 1,000 generated tokens from the NVML total-energy counter read before and after the timed
+  repeats (prefill energy included, i.e. energy per generated token end to end); "not available" off NVIDIA.
+* APE (Active Parameter Efficiency): decode tokens/s per billion active parameters (model-card convention,
+  embedding table excluded), so sparse and dense models or pruned variants compare per unit of compute.
+Device work is synchronised around every timing; each setting is warmed up first; prompts are random
+token ids from a fixed seed (the speed of this model does not depend on the token values, only on routing,
+which random ids exercise broadly).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..model.generate import sample_next
+from .metrics import param_counts, precision, quantile, sync
+
+NOT_AVAILABLE = "not available"
+
+
+class EnergyMeter:
+    """NVML total energy counter (millijoules since driver load) of the GPU the model runs on."""
+
+    def __init__(self, device: torch.device):
+        self.handle = None
+        self.reason = "not an NVIDIA GPU"
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            idx = device.index if device.index is not None else torch.cuda.current_device()
+            props = torch.cuda.get_device_properties(idx)
+            try:   # CUDA_VISIBLE_DEVICES renumbers GPUs for CUDA but not for NVML: match by PCI address
+                pci = (f"{getattr(props, 'pci_domain_id', 0):08x}:{props.pci_bus_id:02x}:"
+                       f"{getattr(props, 'pci_device_id', 0):02x}.0")
+                self.handle = pynvml.nvmlDeviceGetHandleByPciBusId(pci)
+            except Exception:  # noqa: BLE001 - older torch without PCI fields, or a format NVML rejects
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(idx)
+            pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+            self._nvml = pynvml
+        except Exception as e:  # noqa: BLE001 - any NVML failure means "no energy figure", never a crash
+            self.handle, self.reason = None, f"NVML energy counter unavailable: {type(e).__name__}: {e}"
+
+    def read_j(self) -> float | None:
+        if self.handle is None:
+            return None
+        return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1000.0
+
+
+@torch.no_grad()
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, do_sample: bool, temperature: float,
+                   top_p: float, gen: torch.Generator | None) -> tuple[float, float]:
+    """One request: ids [B, T] -> (TTFT seconds, end-to-end seconds) for exactly ``new_tokens`` tokens."""
+    dev = ids.device
+    b, t = ids.shape
+    sync(dev)
+    t0 = time.perf_counter()
+    cache = model.new_cache(b, t + new_tokens)
+    out = model(ids, cache=cache)
+    nxt = sample_next(out.logits[:, -1], do_sample, temperature, top_p, gen)                # [B]
+    sync(dev)
+    t_first = time.perf_counter()
+    step = torch.ones(b, 1, dtype=torch.long, device=dev)
+    for _ in range(new_tokens - 1):
+        out = model(nxt[:, None], attention_mask=step, cache=cache)
+        nxt = sample_next(out.logits[:, -1], do_sample, temperature, top_p, gen)
+    sync(dev)
+    return t_first - t0, time.perf_counter() - t0
+
+
+def _setting(model, context: int, mode: str, cfg: dict[str, Any], meter: EnergyMeter, active_b: float,
+             bar: tqdm) -> dict[str, Any]:
+    g, batch, reps = int(cfg["new_tokens"]), int(cfg.get("batch_size", 1)), int(cfg["repeats"])
+    do_sample = mode == "sample"
+    dev = model.device
+    vocab = int(cfg.get("vocab_size") or model.config.vocab_size)
+    prompt_gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)) * 100_003 + context)
+    sample_gen = torch.Generator(device=dev).manual_seed(int(cfg.get("seed", 0))) if do_sample else None
+    temp, top_p = float(cfg.get("temperature", 1.0)), float(cfg.get("top_p", 1.0))
+
+    def prompt() -> torch.Tensor:
+        return torch.randint(0, vocab, (batch, context), generator=prompt_gen).to(dev)     # [B, T]
+
+    for _ in range(int(cfg.get("warmup", 1))):
+        timed_generate(model, prompt(), g, do_sample, temp, top_p, sample_gen)
+    prompts = [prompt() for _ in range(reps)]
+    e0 = meter.read_j()
+    ttft, e2e = [], []
+    for ids in prompts:
+        a, b = timed_generate(model, ids, g, do_sample, temp, top_p, sample_gen)
+        ttft.append(a)
+        e2e.append(b)
+        bar.update(1)
+    e1 = meter.read_j()
+    decode = [(g - 1) * batch / max(b - a, 1e-12) for a, b in zip(ttft, e2e)] if g > 1 else []
+    row: dict[str, Any] = {
+        "context": context, "mode": mode, "batch": batch, "new_tokens": g, "repeats": reps,
+        "ttft_s": statistics.median(ttft),
+        "prefill_tokens_per_s": context * batch / statistics.median(ttft),
+        "decode_tokens_per_s": statistics.median(decode) if decode else None,
+        "e2e_p50_s": quantile(torch.tensor(e2e), 0.50), "e2e_p95_s": quantile(torch.tensor(e2e), 0.95),
+        "generated_tokens_per_s": g * batch / statistics.median(e2e),
+    }
+    row["ape_decode"] = row["decode_tokens_per_s"] / active_b if decode else None
+    if e0 is not None and e1 is not None:
+        joules = e1 - e0
+        tokens = reps * g * batch
+        row["energy_j"] = joules
+        row["energy_j_per_1k_tokens"] = 1000.0 * joules / tokens
+        row["tokens_per_j"] = tokens / joules if joules > 0 else None
+    else:
+        row["energy_j_per_1k_tokens"] = NOT_AVAILABLE
+        row["tokens_per_j"] = NOT_AVAILABLE
+    return row
+
+
+def speed_report(model, cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """The ``speed`` section: one row per (mode, context) in ``by_setting``, headline figures on top.
+
+    Headline = the greedy row at ``headline_context`` (default: the first context of the sweep).
+    """
+    model.eval()
+    contexts = [int(c) for c in cfg["contexts"]]
+    modes = list(cfg.get("modes", ["greedy"]))
+    if any(m not in ("greedy", "sample") for m in modes):
+        raise ValueError(f"speed.modes must be greedy and/or sample, got {modes}")
+    meter = EnergyMeter(model.device)
+    counts = param_counts(model)
+    active_b = counts["active_excl_embedding"] / 1e9
+    rows: dict[str, dict[str, Any]] = {}
+    with tqdm(total=len(contexts) * len(modes) * int(cfg["repeats"]), desc="speed", disable=not progress,
+              leave=False) as bar:
+        for mode in modes:
+            for c in contexts:
+                rows[f"{mode}@{c}"] = _setting(model, c, mode, cfg, meter, active_b, bar)
+    head_ctx = int(cfg.get("headline_context") or contexts[0])
+    head_ctx = head_ctx if head_ctx in contexts else contexts[0]      # a headline outside the sweep: the first
+    head = rows.get(f"greedy@{head_ctx}") or rows[f"{modes[0]}@{head_ctx}"]
+    return {
+        "decode_tokens_per_s": head["decode_tokens_per_s"],
+        "ttft_s": head["ttft_s"],
+        "prefill_tokens_per_s": head["prefill_tokens_per_s"],
+        "e2e_p50_s": head["e2e_p50_s"], "e2e_p95_s": head["e2e_p95_s"],
+        "energy_j_per_1k_tokens": head["energy_j_per_1k_tokens"], "tokens_per_j": head["tokens_per_j"],
+        "ape_decode_tokens_per_s_per_b_active": head["ape_decode"],
+        "headline": f"{head['mode']}@{head['context']}",
+        "energy_source": "nvml total energy counter" if meter.handle is not None else meter.reason,
+        "active_params": counts["active_excl_embedding"],
+        "threads": torch.get_num_threads(),
+        "precision": precision(model),
+        "protocol": "Yadav & Patel, arXiv 2508.16700: true TTFT incl. prefill; decode over the full "
+                    "decode; p50/p95 end-to-end; NVML energy per 1,000 generated tokens; APE",
+        "by_setting": rows,
+    }
