@@ -7,9 +7,11 @@ mxq reports for it comes from ``heldout``, so the split must be a pure function 
   the characters (the last ~5%). Never trained on; evaluation tasks (``mxq.data.build_evals``) are built
   from it alone.
 * ``train``: everything before that boundary.
-* ``calib``: the last ``CALIB_CHARS`` characters of ``train``, started at a line boundary. It is train
-  data (the model has seen it), which is what calibration wants: router statistics and quantizer scales
-  on in-distribution text, while held-out text stays untouched for measuring the result.
+* ``calib``: the last ``CALIB_CHARS`` characters of ``train``, started at a line boundary. It is the
+  validation slice of the embedded model's training (``python -m mxq.train.select``): the shipped tiny
+  model was trained with it held out, so it is in-distribution text the model has *not* memorised, which
+  is what calibration wants (router statistics and quantizer scales that generalise), while held-out text
+  stays untouched for measuring the result.
 
 Texts are ``str`` (decoded UTF-8); offsets are character offsets into the decompressed file.
 """

@@ -137,6 +137,10 @@ def _set_param(module: torch.nn.Module, name: str, t: torch.Tensor) -> None:
 def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                layout: str = "auto") -> GptOssForCausalLM:
     """Load a gpt-oss checkpoint into mxq's model, experts packed as stored (see module docstring)."""
+    if layout == "auto" and (resolve_source(source) / "mxq_manifest.json").exists():   # mxq's own layout
+        from .mxq_layout import load_mxq
+
+        return load_mxq(resolve_source(source), device, dtype)
     ckpt = open_checkpoint(source, layout)
     cfg = ckpt.config
     device = torch.device(device)

@@ -1,0 +1,245 @@
+"""Triton kernels around attention: RMSNorm (with the residual add), RoPE + KV-cache write, sink attention
+with GQA and the sliding window (prefill and split-K decode), the token embedding and the greedy advance.
+
+Positions come from a device scalar (``pos``: the cache index of the first token of the step), so the
+decode kernels need no host value and a captured CUDA graph replays at every position.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import INTERPRET, bf16r, mma, next_pow2, tl, triton
+
+# ----------------------------------------------------------------------------------------------- RMSNorm
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, d_ptr, xo_ptr, h_ptr, w_ptr, H, eps, HAS_ADD: tl.constexpr, BH: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BH)
+    m = offs < H
+    x = tl.load(x_ptr + row * H + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        x = bf16r(x + tl.load(d_ptr + row * H + offs, mask=m, other=0.0).to(tl.float32))
+        tl.store(xo_ptr + row * H + offs, x.to(tl.bfloat16), mask=m)
+    r = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(h_ptr + row * H + offs, (w * (x * r)).to(tl.bfloat16), mask=m)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None):
+    """RMSNorm of x [N, H] (fp32 math, like ``mxq.model.attention.rms_norm``); with ``delta``, first
+    x <- bf16(x + delta) (the residual add). Returns h, or (x_new, h) when ``delta`` is given."""
+    n, hd = x.shape
+    h = torch.empty_like(x)
+    xo = torch.empty_like(x) if delta is not None else x
+    _rmsnorm_kernel[(n,)](x, delta if delta is not None else x, xo, h, weight, hd, float(eps),
+                          HAS_ADD=delta is not None, BH=next_pow2(hd), num_warps=8 if hd > 2048 else 4)
+    return (xo, h) if delta is not None else h
+
+
+# ----------------------------------------------------------------------------------------------- RoPE + cache
+
+
+@triton.jit
+def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr,
+                       T, NH, KV, L, HALF: tl.constexpr):
+    n = tl.program_id(0)                         # token (row-major over [B, T])
+    hh = tl.program_id(1)                        # q heads, then kv heads
+    b = (n // T).to(tl.int64)
+    t = n % T
+    pos = (tl.load(pos_ptr) + t).to(tl.int64)
+    D: tl.constexpr = 2 * HALF
+    o = tl.arange(0, HALF)
+    c = tl.load(cos_ptr + pos * HALF + o).to(tl.float32)
+    s = tl.load(sin_ptr + pos * HALF + o).to(tl.float32)
+    n64 = n.to(tl.int64)
+    if hh < NH:
+        src = q_ptr + (n64 * NH + hh) * D
+        dst = qo_ptr + (n64 * NH + hh) * D
+    else:
+        kh = (hh - NH).to(tl.int64)
+        src = k_ptr + (n64 * KV + kh) * D
+        dst = kc_ptr + ((b * KV + kh) * L + pos) * D
+    x1 = tl.load(src + o).to(tl.float32)
+    x2 = tl.load(src + HALF + o).to(tl.float32)
+    # the reference rotates in bf16: every product and sum rounds to bf16
+    r1 = bf16r(bf16r(x1 * c) - bf16r(x2 * s))
+    r2 = bf16r(bf16r(x2 * c) + bf16r(x1 * s))
+    tl.store(dst + o, r1.to(tl.bfloat16))
+    tl.store(dst + HALF + o, r2.to(tl.bfloat16))
+    if hh >= NH:
+        kh2 = (hh - NH).to(tl.int64)
+        vs = v_ptr + (n64 * KV + kh2) * D
+        vd = vc_ptr + ((b * KV + kh2) * L + pos) * D
+        tl.store(vd + o, tl.load(vs + o))
+        tl.store(vd + HALF + o, tl.load(vs + HALF + o))
+
+
+def rope_cache(q, k, v, cos, sin, kc, vc, pos, t: int):
+    """q [N, nh*d], k/v [N, kv*d] (N = B*T) -> rotated q [N, nh, d]; rotated k and v written into the caches
+    kc/vc [B, kv, L, d] at cache index pos + t. cos/sin [L, d/2] (``Rope`` values, bf16)."""
+    n = q.shape[0]
+    _, kv, L, d = kc.shape
+    nh = q.shape[1] // d
+    qo = torch.empty(n, nh, d, dtype=q.dtype, device=q.device)
+    _rope_cache_kernel[(n, nh + kv)](q, k, v, cos, sin, qo, kc, vc, pos, t, nh, kv, L, HALF=d // 2, num_warps=1)
+    return qo
+
+
+# ----------------------------------------------------------------------------------------------- attention
+
+
+@triton.jit
+def _attn_kernel(q_ptr, kc_ptr, vc_ptr, sink_ptr, o_ptr, pm_ptr, pl_ptr, pa_ptr, pos_ptr,
+                 T, NH, KV, L, scale, chunk, R,
+                 G: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr, SPLIT: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr):
+    bk = tl.program_id(0)                        # b * KV + kv head
+    qb = tl.program_id(1)                        # block of BM // G queries (all G heads of the kv head)
+    sp = tl.program_id(2)                        # key split (decode)
+    b = bk // KV
+    kvh = bk % KV
+    start = tl.load(pos_ptr)
+    TQ: tl.constexpr = BM // G
+    rows = tl.arange(0, BM)
+    t = qb * TQ + rows // G
+    head = kvh * G + rows % G
+    rm = t < T
+    qi = start + t                               # cache index of each query row
+    od = tl.arange(0, D)
+    qrow = ((b * T + t).to(tl.int64) * NH + head) * D
+    q = tl.load(q_ptr + qrow[:, None] + od[None, :], mask=rm[:, None], other=0.0)
+    t_lo = qb * TQ
+    t_hi = tl.minimum(t_lo + TQ, T) - 1
+    hi = start + t_hi + 1
+    lo = start - start
+    if WINDOW > 0:
+        lo = tl.maximum(start + t_lo - WINDOW + 1, 0)
+    if SPLIT:
+        lo = tl.maximum(lo, sp * chunk)
+        hi = tl.minimum(hi, sp * chunk + chunk)
+        m_i = tl.full([BM], -1.0e30, tl.float32)
+        l_i = tl.zeros([BM], dtype=tl.float32)
+    else:
+        m_i = tl.load(sink_ptr + head).to(tl.float32)   # the sink joins the softmax as one more logit
+        l_i = tl.full([BM], 1.0, tl.float32)
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    kbase = kc_ptr + (bk.to(tl.int64) * L) * D
+    vbase = vc_ptr + (bk.to(tl.int64) * L) * D
+    for s0 in range(lo, hi, BN):
+        ks = s0 + tl.arange(0, BN)
+        km = ks < hi
+        kt = tl.load(kbase + ks.to(tl.int64)[None, :] * D + od[:, None], mask=km[None, :], other=0.0)   # [D, BN]
+        s = bf16r(mma(q, kt, tl.zeros([BM, BN], dtype=tl.float32), DOT_F32)) * scale   # bf16 scores, as ref
+        ok = km[None, :] & (ks[None, :] <= qi[:, None])
+        if WINDOW > 0:
+            ok = ok & (ks[None, :] > qi[:, None] - WINDOW)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vbase + ks.to(tl.int64)[:, None] * D + od[None, :], mask=km[:, None], other=0.0)  # [BN, D]
+        acc = mma(p.to(tl.bfloat16), v, acc * alpha[:, None], DOT_F32)
+        m_i = m_new
+    if SPLIT:
+        prow = sp.to(tl.int64) * R + (b * T + t).to(tl.int64) * NH + head      # partial row index
+        tl.store(pm_ptr + prow, m_i, mask=rm)
+        tl.store(pl_ptr + prow, l_i, mask=rm)
+        tl.store(pa_ptr + prow[:, None] * D + od[None, :], acc, mask=rm[:, None])
+    else:
+        tl.store(o_ptr + qrow[:, None] + od[None, :], (acc / l_i[:, None]).to(tl.bfloat16), mask=rm[:, None])
+
+
+@triton.jit
+def _attn_combine_kernel(pm_ptr, pl_ptr, pa_ptr, sink_ptr, o_ptr, R, NH, NS,
+                         D: tl.constexpr, NSP: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)           # (token, head) row
+    head = r % NH
+    sp = tl.arange(0, NSP)
+    sm = sp < NS
+    m = tl.load(pm_ptr + sp * R + r, mask=sm, other=-1.0e30)
+    l = tl.load(pl_ptr + sp * R + r, mask=sm, other=0.0)
+    sink = tl.load(sink_ptr + head).to(tl.float32)
+    mt = tl.maximum(tl.max(m, axis=0), sink)
+    w = tl.exp(m - mt)
+    lt = tl.sum(l * w, axis=0) + tl.exp(sink - mt)
+    od = tl.arange(0, D)
+    a = tl.load(pa_ptr + (sp.to(tl.int64)[:, None] * R + r) * D + od[None, :], mask=sm[:, None], other=0.0)
+    o = tl.sum(a * w[:, None], axis=0) / lt
+    tl.store(o_ptr + r * D + od, o.to(tl.bfloat16))
+
+
+DECODE_KEYS_PER_SPLIT = 128
+
+
+def sink_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, sinks: torch.Tensor, pos: torch.Tensor,
+                   t: int, window: int, scale: float, split: bool) -> torch.Tensor:
+    """Causal GQA attention with sinks over the cache.
+
+    q [B*T, nh, d] rotated queries at cache indices pos + [0, T); kc/vc [B, kv, L, d] already hold keys up to
+    pos + T. window 0 = full attention. ``split`` (decode): the keys are cut in splits of
+    ``DECODE_KEYS_PER_SPLIT`` processed in parallel and merged (with the sink) by a second kernel.
+    Returns o [B*T, nh, d] bf16.
+    """
+    n, nh, d = q.shape
+    bsz, kv, L, _ = kc.shape
+    g = nh // kv
+    o = torch.empty_like(q)
+    if split:
+        bm = max(16, g)
+        ns = triton.cdiv(L, DECODE_KEYS_PER_SPLIT)
+        r = n * nh
+        pm = torch.empty(ns, r, dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        pa = torch.empty(ns, r, d, dtype=torch.float32, device=q.device)
+        grid = (bsz * kv, triton.cdiv(t * g, bm), ns)
+        _attn_kernel[grid](q, kc, vc, sinks, o, pm, pl, pa, pos, t, nh, kv, L, float(scale),
+                           DECODE_KEYS_PER_SPLIT, r, G=g, D=d, WINDOW=window, SPLIT=True, BM=bm, BN=64,
+                           DOT_F32=INTERPRET, num_warps=4, num_stages=2)
+        _attn_combine_kernel[(r,)](pm, pl, pa, sinks, o, r, nh, ns, D=d, NSP=next_pow2(ns), num_warps=4)
+    else:
+        bm = max(64, g)
+        grid = (bsz * kv, triton.cdiv(t * g, bm), 1)
+        _attn_kernel[grid](q, kc, vc, sinks, o, o, o, o, pos, t, nh, kv, L, float(scale), 0, 0,
+                           G=g, D=d, WINDOW=window, SPLIT=False, BM=bm, BN=64, DOT_F32=INTERPRET,
+                           num_warps=4, num_stages=2)
+    return o
+
+
+# ----------------------------------------------------------------------------------------------- embed / advance
+
+
+@triton.jit
+def _embed_kernel(seq_ptr, pos_ptr, emb_ptr, x_ptr, H, S, BH: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    tok = tl.load(seq_ptr + b * S + tl.load(pos_ptr)).to(tl.int64)
+    offs = tl.arange(0, BH)
+    m = offs < H
+    tl.store(x_ptr + b * H + offs, tl.load(emb_ptr + tok * H + offs, mask=m), mask=m)
+
+
+def embed_at(seq: torch.Tensor, pos: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """x [B, H] = emb[seq[b, pos]] (the token at the device position of every row)."""
+    bsz, s = seq.shape
+    h = emb.shape[1]
+    x = torch.empty(bsz, h, dtype=emb.dtype, device=emb.device)
+    _embed_kernel[(bsz,)](seq, pos, emb, x, h, s, BH=next_pow2(h), num_warps=4)
+    return x
+
+
+@triton.jit
+def _advance_kernel(nxt_ptr, seq_ptr, pos_ptr, B, S, BB: tl.constexpr):
+    pos = tl.load(pos_ptr)
+    ob = tl.arange(0, BB)
+    m = ob < B
+    nxt = tl.load(nxt_ptr + ob, mask=m, other=0).to(tl.int32)
+    tl.store(seq_ptr + ob.to(tl.int64) * S + pos + 1, nxt, mask=m & (pos + 1 < S))
+    tl.store(pos_ptr, pos + 1)
+
+
+def advance(nxt: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> None:
+    """seq[b, pos + 1] = nxt[b]; pos += 1 (one program, so the read of pos precedes its write)."""
+    bsz, s = seq.shape
+    _advance_kernel[(1,)](nxt, seq, pos, bsz, s, BB=next_pow2(max(bsz, 2)), num_warps=1)

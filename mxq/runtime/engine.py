@@ -1,0 +1,306 @@
+"""The fast path: Triton kernels for every step of a GPT-OSS decode, captured in one CUDA graph.
+
+Decode step (batch B, one token per row; no host synchronisation anywhere):
+  embed(seq[:, pos]) -> per layer: RMSNorm -> q/k/v (cuBLAS) -> RoPE + KV-cache write -> split-K sink
+  attention + merge -> o_proj (cuBLAS) -> residual add + RMSNorm -> router top-k softmax ->
+  gate_up GEMV + SwiGLU -> down GEMV + routing-weighted sum + residual -> ... -> RMSNorm -> lm_head ->
+  argmax -> seq[:, pos + 1] = next, pos += 1.
+Every position is read from the device scalar ``pos``, so one captured graph replays at any position.
+Prefill: the same kernels over T tokens (attention without the key split), the MoE as grouped GEMMs over
+(token, expert) pairs sorted by expert, lm_head on the last token only; or the reference model
+(``prefill="reference"``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import INTERPRET, require_triton
+from .attn_kernels import advance, embed_at, rmsnorm, rope_cache, sink_attention
+from .moe_kernels import ExpertWeights, down_gemv, gate_up_gemv, moe_grouped, router_topk
+
+from . import RUNTIME_PATH
+
+
+class UnsupportedModel(ValueError):
+    """The model cannot run on the fast path (experts not uniformly stacked MXFP4/bf16, dtype, device)."""
+
+
+def stacked_experts(experts, kind: str) -> ExpertWeights:
+    """The stacked [E, ...] tensors behind every expert of one kind, or ``UnsupportedModel``.
+
+    The fast path needs every expert of a layer to be a view of one stacked buffer in one format (a loaded
+    checkpoint); per-expert formats set by a plan (``set_expert``) are not supported yet.
+    """
+    from ..model.experts import PackedExperts
+
+    if not isinstance(experts, PackedExperts):
+        raise UnsupportedModel(f"fast path needs PackedExperts, got {type(experts).__name__}")
+    fmt = experts.packed(kind, 0).format
+    names = {"mxfp4": ("blocks", "scales"), "bf16": ("weight",)}.get(fmt)
+    if names is None:
+        raise UnsupportedModel(f"no fast-path kernel for {kind} experts in format {fmt!r}")
+    bufs = {n: getattr(experts, f"{kind}_{n}", None) for n in names}
+    for e in range(experts.num_experts):
+        p = experts.packed(kind, e)
+        for n in names:
+            b = bufs[n]
+            if p.format != fmt or b is None or b.dim() < 2 or p.tensors[n].data_ptr() != b[e].data_ptr():
+                raise UnsupportedModel(f"expert {e} {kind} is not a view of the stacked {fmt} buffer "
+                                       "(mixed per-expert formats are not supported by the fast path yet)")
+    out_f, in_f = (2 * experts.intermediate, experts.hidden) if kind == "gate_up" else \
+        (experts.hidden, experts.intermediate)
+    return ExpertWeights(fmt, {n: b.contiguous() for n, b in bufs.items()}, out_f, in_f)
+
+
+@dataclass
+class _Layer:
+    ln1: Tensor
+    ln2: Tensor
+    wq: Tensor
+    bq: Tensor
+    wk: Tensor
+    bk: Tensor
+    wv: Tensor
+    bv: Tensor
+    wo: Tensor
+    bo: Tensor
+    sinks: Tensor
+    window: int
+    wr: Tensor
+    br: Tensor
+    gu: ExpertWeights
+    gu_bias: Tensor
+    dn: ExpertWeights
+    dn_bias: Tensor
+
+
+class DecodeState:
+    """Static buffers of one (batch, capacity): the KV cache, the token buffer ``seq`` [B, L+1] int32, the
+    device position ``pos`` (cache index of the token processed next), RoPE tables and the decode graph."""
+
+    def __init__(self, rt: "Runtime", batch: int, max_len: int):
+        m = rt.model
+        dev = m.device
+        self.batch, self.max_len = batch, max_len
+        self.cache = m.new_cache(batch, max_len)
+        self.seq = torch.zeros(batch, max_len + 1, dtype=torch.int32, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.host_pos = 0
+        cos, sin = m.rope(torch.arange(max_len, device=dev)[None], m.dtype)     # the reference's own tables
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()            # [L, d/2]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None
+
+
+class Runtime:
+    """Fast GPT-OSS inference for one loaded model (bf16 activations, stacked MXFP4 or bf16 experts)."""
+
+    path = RUNTIME_PATH
+
+    def __init__(self, model, use_graph: bool | None = None):
+        require_triton()
+        cfg = model.config
+        if model.dtype != torch.bfloat16:
+            raise UnsupportedModel(f"fast path runs bf16 activations; model dtype is {model.dtype}")
+        if not (model.device.type == "cuda" or INTERPRET):
+            raise UnsupportedModel("fast path needs the model on a CUDA device")
+        self.model, self.cfg = model, cfg
+        self.use_graph = (model.device.type == "cuda") if use_graph is None else use_graph
+        self.eps = cfg.rms_norm_eps
+        self.top_k = cfg.num_experts_per_tok
+        self.scale = cfg.head_dim ** -0.5
+        self.layers: list[_Layer] = []
+        for lyr in model.layers:
+            at, mlp = lyr.self_attn, lyr.mlp
+            ex = mlp.experts
+            self.layers.append(_Layer(
+                lyr.input_layernorm.weight, lyr.post_attention_layernorm.weight,
+                at.q_proj.weight, at.q_proj.bias, at.k_proj.weight, at.k_proj.bias, at.v_proj.weight,
+                at.v_proj.bias, at.o_proj.weight, at.o_proj.bias, at.sinks, int(at.window or 0),
+                mlp.router.weight, mlp.router.bias,
+                stacked_experts(ex, "gate_up"), ex.gate_up_bias, stacked_experts(ex, "down"), ex.down_bias))
+        self.alpha, self.limit = float(model.layers[0].mlp.experts.alpha), float(model.layers[0].mlp.experts.limit)
+        self.expert_format = self.layers[0].gu.fmt
+        self._state: DecodeState | None = None
+
+    # ------------------------------------------------------------------------------------------- forward
+    def _layers(self, x: Tensor, t: int, st: DecodeState, decode: bool) -> Tensor:
+        n = x.shape[0]
+        h = rmsnorm(x, self.layers[0].ln1, self.eps)
+        for i, L in enumerate(self.layers):
+            q, k, v = F.linear(h, L.wq, L.bq), F.linear(h, L.wk, L.bk), F.linear(h, L.wv, L.bv)
+            kc, vc = st.cache.k[i], st.cache.v[i]
+            qr = rope_cache(q, k, v, st.cos, st.sin, kc, vc, st.pos, t)
+            o = sink_attention(qr, kc, vc, L.sinks, st.pos, t, L.window, self.scale, split=decode)
+            a = F.linear(o.view(n, -1), L.wo, L.bo)
+            x, h2 = rmsnorm(x, L.ln2, self.eps, delta=a)
+            idx, wt = router_topk(h2, L.wr, L.br, self.top_k)
+            if decode:
+                y = gate_up_gemv(h2, idx, L.gu, L.gu_bias, self.alpha, self.limit)
+                x = down_gemv(y, idx, wt, L.dn, L.dn_bias, x)
+            else:
+                x = x + moe_grouped(h2, idx, wt, L.gu, L.gu_bias, L.dn, L.dn_bias, self.alpha, self.limit)
+            if i + 1 < len(self.layers):
+                h = rmsnorm(x, self.layers[i + 1].ln1, self.eps)
+        return x
+
+    def _head(self, x: Tensor) -> Tensor:
+        return F.linear(rmsnorm(x, self.model.norm.weight, self.eps), self.model.lm_head.weight)
+
+    def _decode_body(self, st: DecodeState) -> Tensor:
+        x = embed_at(st.seq, st.pos, self.model.embed_tokens.weight)
+        logits = self._head(self._layers(x, 1, st, decode=True))               # [B, V]
+        advance(torch.argmax(logits, dim=-1), st.seq, st.pos)
+        return logits
+
+    # ------------------------------------------------------------------------------------------- state
+    def new_state(self, batch: int, max_len: int) -> DecodeState:
+        st = DecodeState(self, batch, max_len)
+        if self.use_graph:
+            self._capture(st)
+        return st
+
+    def state_for(self, batch: int, need: int) -> DecodeState:
+        """A cached state with room for ``need`` positions (capacity rounded up to 256; graph reused)."""
+        st = self._state
+        if st is None or st.batch != batch or st.max_len < need:
+            self._state = None
+            st = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self._state = st = self.new_state(batch, -(-need // 256) * 256)
+        return st
+
+    def _capture(self, st: DecodeState) -> None:
+        """Warm up (compiles and autotunes the kernels) and capture one decode step at pos 0, before any
+        prefill: the warm-up's KV writes land in positions that a prefill overwrites."""
+        saved_pos, saved_seq = st.pos.clone(), st.seq.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self._decode_body(st)
+        torch.cuda.current_stream().wait_stream(s)
+        st.pos.copy_(saved_pos)
+        st.seq.copy_(saved_seq)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            st.logits = self._decode_body(st)
+        st.graph = g
+        torch.cuda.synchronize()
+
+    # ------------------------------------------------------------------------------------------- API
+    @torch.no_grad()
+    def prefill(self, st: DecodeState, input_ids: Tensor, mode: str = "fast") -> Tensor:
+        """Run the prompt [B, T] from position 0; returns the last position's logits [B, V]."""
+        b, t = input_ids.shape
+        if b != st.batch or t >= st.max_len:
+            raise ValueError(f"prompt {tuple(input_ids.shape)} does not fit the state ({st.batch}, {st.max_len})")
+        st.seq[:, :t] = input_ids.to(torch.int32)
+        st.pos.zero_()
+        if mode == "reference":
+            c = st.cache
+            c.length = 0
+            c.key_valid.zero_()
+            c.next_pos.zero_()
+            logits = self.model(input_ids, cache=c).logits[:, -1]
+        elif mode == "fast":
+            x = F.embedding(input_ids.reshape(-1), self.model.embed_tokens.weight)
+            x = self._layers(x, t, st, decode=False)
+            logits = self._head(x.view(b, t, -1)[:, -1].contiguous())
+            st.cache.length = t
+        else:
+            raise ValueError(f"prefill mode {mode!r} is not 'fast' or 'reference'")
+        st.pos.fill_(t)
+        st.host_pos = t
+        return logits
+
+    @torch.no_grad()
+    def step(self, st: DecodeState, tokens: Tensor | None = None) -> Tensor:
+        """One decode step at ``st.host_pos``. ``tokens`` [B] forces the input token (teacher forcing);
+        otherwise the token the previous step chose is used. Returns logits [B, V] (a static buffer when a
+        graph is used: clone it to keep it). The step also writes argmax into seq[:, pos + 1]."""
+        if st.host_pos >= st.max_len:
+            raise ValueError(f"KV cache full at {st.host_pos} positions")
+        if tokens is not None:
+            st.seq[:, st.host_pos] = tokens.to(torch.int32)
+        if st.graph is not None:
+            st.graph.replay()
+            logits = st.logits
+        else:
+            logits = self._decode_body(st)
+        st.host_pos += 1
+        return logits
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id=None, prefill: str = "fast",
+                 timings: dict | None = None) -> Tensor:
+        b, t = input_ids.shape
+        if max_new_tokens <= 0:
+            return input_ids
+        st = self.state_for(b, t + max_new_tokens)
+        cuda = input_ids.is_cuda
+        if cuda:
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            ev[0].record()
+        t0 = time.perf_counter()
+        logits = self.prefill(st, input_ids, prefill)
+        st.seq[:, t] = logits.argmax(-1).to(torch.int32)
+        if cuda:
+            ev[1].record()
+        t1 = time.perf_counter()
+        for _ in range(max_new_tokens - 1):
+            self.step(st)
+        if cuda:
+            ev[2].record()
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        if timings is not None:
+            if cuda:
+                timings.update(prefill_ms=ev[0].elapsed_time(ev[1]), decode_ms=ev[1].elapsed_time(ev[2]))
+            else:
+                timings.update(prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3)
+            timings["decode_steps"] = max_new_tokens - 1
+        new = st.seq[:, t:t + max_new_tokens].long()
+        if eos_token_id is not None:
+            new = _apply_eos(new, eos_token_id)
+        return torch.cat([input_ids, new], dim=1)
+
+
+def _apply_eos(new: Tensor, eos_token_id) -> Tensor:
+    """Like the reference ``generate``: after a row's first EOS every token is eos[0]; stop when all rows are done."""
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=new.device)
+    hit = torch.isin(new, eos)
+    done_before = (hit.long().cumsum(1) - hit.long()) > 0                       # an EOS earlier in the row
+    new = torch.where(done_before, eos[0], new)
+    row_end = torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(hit[:, 0], new.shape[1] - 1,
+                                                                             dtype=torch.long))
+    return new[:, :int(row_end.max()) + 1]
+
+
+def decode_bytes_per_token(model, context: int) -> dict:
+    """Bytes a batch-1 decode step must read at ``context`` keys: the k used experts per layer (packed bytes and
+    bias rows), attention and router weights, norms, the lm_head, one embedding row and the KV cache."""
+    cfg = model.config
+    k = cfg.num_experts_per_tok
+    nb = lambda t: t.numel() * t.element_size()                               # noqa: E731
+    experts = attn = router = kv = 0
+    for i, lyr in enumerate(model.layers):
+        ex = lyr.mlp.experts
+        e = ex.num_experts
+        experts += k * (ex.weight_nbytes() + nb(ex.gate_up_bias) + nb(ex.down_bias)) // e   # packed + bias rows
+        at = lyr.self_attn
+        attn += sum(nb(p) for p in at.parameters()) + nb(lyr.input_layernorm.weight) + \
+            nb(lyr.post_attention_layernorm.weight)
+        router += sum(nb(p) for p in lyr.mlp.router.parameters())
+        keys = min(context, cfg.sliding_window) if cfg.is_sliding(i) else context
+        kv += 2 * keys * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
+    head = nb(model.lm_head.weight) + nb(model.norm.weight) + cfg.hidden_size * model.dtype.itemsize
+    total = experts + attn + router + kv + head
+    return {"experts": experts, "attention": attn, "router": router, "kv_cache": kv, "lm_head_norm_embed": head,
+            "total": total}

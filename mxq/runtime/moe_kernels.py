@@ -1,0 +1,342 @@
+"""Triton kernels of the MoE block, reading the experts' stacked weights as stored.
+
+MXFP4 experts: ``blocks`` u8 [E, out, in/32, 16] (element 2j in the low nibble, 2j+1 in the high) and
+``scales`` u8 [E, out, in/32]; bf16 experts: ``weight`` [E, out, in]. Every kernel reads the expert ids on
+the device, so a decode step needs no host synchronisation.
+
+* ``router_topk``: router logits (bf16-rounded like ``nn.Linear``), top-k, softmax over the k.
+* decode (GEMV, few tokens): ``gate_up_gemv`` covers every (token, slot) pair and 2*BN interleaved gate/up
+  rows per program, adds the bias and applies the clamped SwiGLU; ``down_gemv`` covers (token, BN rows),
+  loops over the token's k experts, adds the bias, weights by the routing weight, sums and adds the residual.
+* prefill (grouped GEMM, many tokens): (token, slot) pairs sorted by expert, tiles of BM pairs of one
+  expert, weights dequantized in registers and fed to ``tl.dot``.
+
+Rounding follows the reference (``PackedExperts.expert_forward``): the matmul result is rounded to bf16,
+the bias added in bf16, the expert output rounded to bf16 before the fp32 routing-weighted sum.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import (INTERPRET, autotune, bf16r, cfg, e8m0_x4, fp4q, launch, mma, next_pow2, swiglu, tl,
+                      triton)
+
+# ----------------------------------------------------------------------------------------------- router
+
+
+@triton.jit
+def _router_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, wt_ptr, H, E,
+                   TOPK: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs_e = tl.arange(0, BE)
+    em = offs_e < E
+    acc = tl.zeros([BE, BK], dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        kk = k0 + tl.arange(0, BK)
+        km = kk < H
+        x = tl.load(x_ptr + t * H + kk, mask=km, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_e[:, None] * H + kk[None, :], mask=em[:, None] & km[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    b = tl.load(b_ptr + offs_e, mask=em, other=0.0).to(tl.float32)
+    logit = bf16r(tl.sum(acc, axis=1) + b)                 # nn.Linear(bf16): one rounding of x@W^T + b
+    logit = tl.where(em, logit, float("-inf"))
+    offs_k = tl.arange(0, KP)
+    vals = tl.full([KP], float("-inf"), tl.float32)
+    ids = tl.zeros([KP], dtype=tl.int32)
+    for j in tl.static_range(TOPK):
+        m = tl.max(logit, axis=0)
+        i = tl.argmax(logit, axis=0)
+        vals = tl.where(offs_k == j, m, vals)
+        ids = tl.where(offs_k == j, i, ids)
+        logit = tl.where(offs_e == i, float("-inf"), logit)
+    mx = tl.max(vals, axis=0)
+    p = tl.exp(vals - mx)
+    p = p / tl.sum(p, axis=0)
+    km = offs_k < TOPK
+    tl.store(idx_ptr + t * TOPK + offs_k, ids, mask=km)
+    tl.store(wt_ptr + t * TOPK + offs_k, p, mask=km)
+
+
+def router_topk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, H] bf16, router weight [E, H], bias [E] -> (idx [N, k] int32, weights [N, k] fp32)."""
+    n, h = x.shape
+    e = w.shape[0]
+    idx = torch.empty(n, top_k, dtype=torch.int32, device=x.device)
+    wt = torch.empty(n, top_k, dtype=torch.float32, device=x.device)
+    _router_kernel[(n,)](x, w, b, idx, wt, h, e, TOPK=top_k, BE=next_pow2(e), BK=128 if e <= 64 else 32,
+                         KP=next_pow2(top_k), num_warps=4)
+    return idx, wt
+
+
+# ----------------------------------------------------------------------------------------------- decode GEMV
+
+
+@triton.jit
+def _rows_dot_fp4(x_row, blk, scl, rows, rmask, G, s_row, s_srow, R: tl.constexpr, BG: tl.constexpr):
+    """acc[r] = sum_k x[k] * W[rows[r], k] for one MXFP4 expert (``blk``/``scl`` point at the expert)."""
+    offs_g = tl.arange(0, BG)
+    offs_b = tl.arange(0, 16)
+    acc = tl.zeros([R, BG], dtype=tl.float32)
+    for g0 in range(0, G, BG):
+        gg = g0 + offs_g
+        gm = gg < G
+        xp = x_row + gg[:, None] * 32 + offs_b[None, :] * 2
+        xe = tl.load(xp, mask=gm[:, None], other=0.0).to(tl.float32)       # elements 2j   [BG, 16]
+        xo = tl.load(xp + 1, mask=gm[:, None], other=0.0).to(tl.float32)   # elements 2j+1
+        m2 = rmask[:, None] & gm[None, :]
+        b = tl.load(blk + rows[:, None, None] * s_row + gg[None, :, None] * 16 + offs_b[None, None, :],
+                    mask=m2[:, :, None], other=0).to(tl.int32)                # [R, BG, 16]
+        s = e8m0_x4(tl.load(scl + rows[:, None] * s_srow + gg[None, :], mask=m2, other=0))
+        part = tl.sum(fp4q(b, 0) * xe[None, :, :] + fp4q(b, 4) * xo[None, :, :], axis=2)
+        acc += part * s
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _rows_dot_bf16(x_row, w, rows, rmask, K, s_row, R: tl.constexpr, BK: tl.constexpr):
+    acc = tl.zeros([R, BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        km = kk < K
+        x = tl.load(x_row + kk, mask=km, other=0.0).to(tl.float32)
+        wv = tl.load(w + rows[:, None] * s_row + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+        acc += wv.to(tl.float32) * x[None, :]
+    return tl.sum(acc, axis=1)
+
+
+_GEMV_CONFIGS = [cfg(4, 2, BN=8, BG=8), cfg(2, 2, BN=4, BG=8), cfg(4, 2, BN=16, BG=4), cfg(4, 2, BN=8, BG=4),
+                 cfg(8, 2, BN=16, BG=8), cfg(8, 2, BN=32, BG=4)]
+
+
+@autotune(_GEMV_CONFIGS, key=["P", "I", "K", "FP4"])
+@triton.jit
+def _gate_up_gemv_kernel(x_ptr, idx_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, P, K, I, G,
+                         s_e, s_row, s_se, s_srow, alpha, limit,
+                         TOPK: tl.constexpr, FP4: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr):
+    p = tl.program_id(0)
+    nb = tl.program_id(1)
+    t = (p // TOPK).to(tl.int64)
+    e = tl.load(idx_ptr + p).to(tl.int64)
+    rows = nb * (2 * BN) + tl.arange(0, 2 * BN)        # interleaved gate (even) / up (odd) rows, contiguous
+    rm = rows < 2 * I
+    x_row = x_ptr + t * K
+    if FP4:
+        acc = _rows_dot_fp4(x_row, w_ptr + e * s_e, s_ptr + e * s_se, rows, rm, G, s_row, s_srow, 2 * BN, BG)
+    else:
+        acc = _rows_dot_bf16(x_row, w_ptr + e * s_e, rows, rm, K, s_row, 2 * BN, BG * 32)
+    bias = tl.load(bias_ptr + e * (2 * I) + rows, mask=rm, other=0.0).to(tl.float32)
+    a = bf16r(bf16r(acc) + bias)
+    a_g, a_u = tl.split(tl.reshape(a, (BN, 2)))
+    y = swiglu(a_g, a_u, alpha, limit)
+    offs = nb * BN + tl.arange(0, BN)
+    tl.store(y_ptr + p.to(tl.int64) * I + offs, y.to(tl.bfloat16), mask=offs < I)
+
+
+@autotune(_GEMV_CONFIGS, key=["N", "H", "K", "FP4"])
+@triton.jit
+def _down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, w_ptr, s_ptr, bias_ptr, res_ptr, out_ptr, N, K, H, G,
+                      s_e, s_row, s_se, s_srow,
+                      TOPK: tl.constexpr, FP4: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    rows = hb * BN + tl.arange(0, BN)
+    rm = rows < H
+    total = tl.zeros([BN], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        p = t * TOPK + j
+        e = tl.load(idx_ptr + p).to(tl.int64)
+        gw = tl.load(wt_ptr + p)
+        y_row = y_ptr + p * K
+        if FP4:
+            acc = _rows_dot_fp4(y_row, w_ptr + e * s_e, s_ptr + e * s_se, rows, rm, G, s_row, s_srow, BN, BG)
+        else:
+            acc = _rows_dot_bf16(y_row, w_ptr + e * s_e, rows, rm, K, s_row, BN, BG * 32)
+        bias = tl.load(bias_ptr + e * H + rows, mask=rm, other=0.0).to(tl.float32)
+        total += gw * bf16r(bf16r(acc) + bias)
+    r = tl.load(res_ptr + t * H + rows, mask=rm, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + rows, (r + bf16r(total)).to(tl.bfloat16), mask=rm)
+
+
+class ExpertWeights:
+    """One layer's stacked expert tensors of one kind, as the kernels take them."""
+
+    def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], out_features: int, in_features: int):
+        self.fmt, self.out_f, self.in_f = fmt, out_features, in_features
+        if fmt == "mxfp4":
+            self.w, self.s = tensors["blocks"], tensors["scales"]            # [E, out, in/32, 16], [E, out, in/32]
+            assert self.w.is_contiguous() and self.s.is_contiguous()
+            self.s_e, self.s_row = self.w.stride(0), self.w.stride(1)
+            self.s_se, self.s_srow = self.s.stride(0), self.s.stride(1)
+        elif fmt == "bf16":
+            self.w = tensors["weight"]                                       # [E, out, in]
+            assert self.w.is_contiguous() and self.w.dtype == torch.bfloat16
+            self.s = self.w                                                  # unused placeholder pointer
+            self.s_e, self.s_row, self.s_se, self.s_srow = self.w.stride(0), self.w.stride(1), 0, 0
+        else:
+            raise ValueError(f"no kernel for expert format {fmt!r}")
+        self.fp4 = fmt == "mxfp4"
+        self.groups = in_features // 32
+
+
+def gate_up_gemv(x: torch.Tensor, idx: torch.Tensor, gu: ExpertWeights, bias: torch.Tensor, alpha: float,
+                 limit: float) -> torch.Tensor:
+    """x [N, H] bf16, idx [N, k] int32 -> y [N*k, I] bf16 (SwiGLU of gate_up + bias), pair p = t*k + j."""
+    n, k = idx.shape
+    i = gu.out_f // 2
+    y = torch.empty(n * k, i, dtype=torch.bfloat16, device=x.device)
+    launch(_gate_up_gemv_kernel, lambda m: (n * k, triton.cdiv(i, m["BN"])),
+           x, idx, gu.w, gu.s, bias, y, n * k, gu.in_f, i, gu.groups, gu.s_e, gu.s_row, gu.s_se, gu.s_srow,
+           float(alpha), float(limit), TOPK=k, FP4=gu.fp4)
+    return y
+
+
+def down_gemv(y: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, dn: ExpertWeights, bias: torch.Tensor,
+              residual: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y [N*k, I], idx [N, k], wt [N, k] fp32, residual [N, H] -> residual + sum_j wt * (y W_down^T + b) [N, H]."""
+    n, k = idx.shape
+    h = dn.out_f
+    out = torch.empty_like(residual) if out is None else out
+    launch(_down_gemv_kernel, lambda m: (n, triton.cdiv(h, m["BN"])),
+           y, idx, wt, dn.w, dn.s, bias, residual, out, n, dn.in_f, h, dn.groups, dn.s_e, dn.s_row, dn.s_se,
+           dn.s_srow, TOPK=k, FP4=dn.fp4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- prefill grouped GEMM
+
+
+@triton.jit
+def _tile_dot(x_ptr, x_rows, rmask, blk, scl, wcols, wmask, K, s_row, s_srow, k_end,
+              FP4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc [BM, BN] = X[x_rows, :] @ W[wcols, :]^T for one expert; ``x_rows`` are element offsets of rows."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if FP4:
+        jj = tl.arange(0, BK // 2)
+        for k0 in range(0, k_end, BK):
+            kb = k0 // 2 + jj                                   # byte column within a weight row
+            km = kb < K // 2
+            xm = rmask[:, None] & km[None, :]
+            xp = x_ptr + x_rows[:, None] + (k0 + 2 * jj)[None, :]
+            xe = tl.load(xp, mask=xm, other=0.0)                 # [BM, BK/2] even elements
+            xo = tl.load(xp + 1, mask=xm, other=0.0)             # odd elements
+            wm = km[:, None] & wmask[None, :]
+            b = tl.load(blk + wcols[None, :] * s_row + kb[:, None], mask=wm, other=0).to(tl.int32)   # [BK/2, BN]
+            s = e8m0_x4(tl.load(scl + wcols[None, :] * s_srow + (kb // 16)[:, None], mask=wm, other=0))
+            acc = mma(xe, (fp4q(b, 0) * s).to(tl.bfloat16), acc, DOT_F32)
+            acc = mma(xo, (fp4q(b, 4) * s).to(tl.bfloat16), acc, DOT_F32)
+    else:
+        kk = tl.arange(0, BK)
+        for k0 in range(0, k_end, BK):
+            kc = k0 + kk
+            km = kc < K
+            x = tl.load(x_ptr + x_rows[:, None] + kc[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+            w = tl.load(blk + wcols[None, :] * s_row + kc[:, None], mask=km[:, None] & wmask[None, :], other=0.0)
+            acc = mma(x, w, acc, DOT_F32)
+    return acc
+
+
+_GROUPED_CONFIGS = [cfg(4, 3, BN=64, BK=128), cfg(4, 3, BN=32, BK=128), cfg(8, 3, BN=128, BK=64),
+                    cfg(4, 4, BN=64, BK=64)]
+
+
+@autotune(_GROUPED_CONFIGS, key=["P", "I", "K", "FP4"])
+@triton.jit
+def _gate_up_grouped_kernel(x_ptr, order_ptr, te_ptr, ts_ptr, tn_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
+                            P, K, I, s_e, s_row, s_se, s_srow, alpha, limit,
+                            TOPK: tl.constexpr, FP4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr, DOT_F32: tl.constexpr):
+    tau = tl.program_id(0)
+    nb = tl.program_id(1)
+    r0 = tl.load(ts_ptr + tau)
+    r1 = tl.load(tn_ptr + tau)
+    e = tl.load(te_ptr + tau).to(tl.int64)
+    rows = r0 + tl.arange(0, BM)
+    rm = rows < r1
+    pair = tl.load(order_ptr + rows, mask=rm, other=0)
+    tok = (pair // TOPK).to(tl.int64)
+    cols = nb * (2 * BN) + tl.arange(0, 2 * BN)             # interleaved gate/up weight rows
+    cm = cols < 2 * I
+    k_end = tl.where(r0 < r1, K, 0)
+    acc = _tile_dot(x_ptr, tok * K, rm, w_ptr + e * s_e, s_ptr + e * s_se, cols, cm, K, s_row, s_srow, k_end,
+                    FP4, BM, 2 * BN, BK, DOT_F32)
+    bias = tl.load(bias_ptr + e * (2 * I) + cols, mask=cm, other=0.0).to(tl.float32)
+    a = bf16r(bf16r(acc) + bias[None, :])
+    a_g, a_u = tl.split(tl.reshape(a, (BM, BN, 2)))
+    y = swiglu(a_g, a_u, alpha, limit)
+    offs = nb * BN + tl.arange(0, BN)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * I + offs[None, :], y.to(tl.bfloat16),
+             mask=rm[:, None] & (offs < I)[None, :])
+
+
+@autotune(_GROUPED_CONFIGS, key=["P", "H", "K", "FP4"])
+@triton.jit
+def _down_grouped_kernel(y_ptr, order_ptr, wt_ptr, te_ptr, ts_ptr, tn_ptr, w_ptr, s_ptr, bias_ptr, z_ptr,
+                         P, K, H, s_e, s_row, s_se, s_srow,
+                         FP4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         DOT_F32: tl.constexpr):
+    tau = tl.program_id(0)
+    nb = tl.program_id(1)
+    r0 = tl.load(ts_ptr + tau)
+    r1 = tl.load(tn_ptr + tau)
+    e = tl.load(te_ptr + tau).to(tl.int64)
+    rows = r0 + tl.arange(0, BM)
+    rm = rows < r1
+    pair = tl.load(order_ptr + rows, mask=rm, other=0).to(tl.int64)
+    gw = tl.load(wt_ptr + pair, mask=rm, other=0.0)
+    cols = nb * BN + tl.arange(0, BN)
+    cm = cols < H
+    k_end = tl.where(r0 < r1, K, 0)
+    acc = _tile_dot(y_ptr, rows.to(tl.int64) * K, rm, w_ptr + e * s_e, s_ptr + e * s_se, cols, cm, K, s_row,
+                    s_srow, k_end, FP4, BM, BN, BK, DOT_F32)
+    bias = tl.load(bias_ptr + e * H + cols, mask=cm, other=0.0).to(tl.float32)
+    z = bf16r(bf16r(acc) + bias[None, :]) * gw[:, None]
+    tl.store(z_ptr + pair[:, None] * H + cols[None, :], z, mask=rm[:, None] & cm[None, :])
+
+
+GROUP_BM = 64
+
+
+def expert_tiles(idx: torch.Tensor, num_experts: int, bm: int = GROUP_BM):
+    """Sort (token, slot) pairs by expert and cut them into tiles of <= bm pairs of one expert, on the device.
+
+    Returns (order [P] int32: sorted position -> pair id, tile expert / start / end [T_max] int32); tiles past
+    the real count have start == end and do nothing. T_max = ceil(P / bm) + E bounds the tile count.
+    """
+    flat = idx.reshape(-1).long()
+    p = flat.numel()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    ends = counts.cumsum(0)
+    starts = ends - counts
+    ntile = (counts + bm - 1) // bm
+    tend = ntile.cumsum(0)
+    tbeg = tend - ntile
+    tmax = (p + bm - 1) // bm + num_experts
+    tau = torch.arange(tmax, device=idx.device)
+    te = torch.searchsorted(tend, tau, right=True).clamp_(max=num_experts - 1)
+    ts = starts[te] + (tau - tbeg[te]) * bm
+    tn = torch.minimum(ts + bm, ends[te])
+    valid = tau < tend[-1]
+    ts = torch.where(valid, ts, torch.zeros_like(ts))
+    tn = torch.where(valid, tn, torch.zeros_like(tn))
+    return order.int(), te.int(), ts.int(), tn.int()
+
+
+def moe_grouped(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gu: ExpertWeights, gu_bias: torch.Tensor,
+                dn: ExpertWeights, dn_bias: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """Prefill MoE: x [N, H] bf16 -> sum_j wt * f_{e_j}(x) [N, H] bf16 (without the residual)."""
+    n, k = idx.shape
+    p = n * k
+    i, h = gu.out_f // 2, dn.out_f
+    e = gu.w.shape[0]
+    order, te, ts, tn = expert_tiles(idx, e)
+    tmax = te.numel()
+    y = torch.empty(p, i, dtype=torch.bfloat16, device=x.device)             # rows in sorted order
+    launch(_gate_up_grouped_kernel, lambda m: (tmax, triton.cdiv(i, m["BN"])),
+           x, order, te, ts, tn, gu.w, gu.s, gu_bias, y, p, gu.in_f, i, gu.s_e, gu.s_row, gu.s_se, gu.s_srow,
+           float(alpha), float(limit), TOPK=k, FP4=gu.fp4, BM=GROUP_BM, DOT_F32=INTERPRET)
+    z = torch.empty(p, h, dtype=torch.float32, device=x.device)              # rows by pair id t*k + j
+    launch(_down_grouped_kernel, lambda m: (tmax, triton.cdiv(h, m["BN"])),
+           y, order, wt.reshape(-1), te, ts, tn, dn.w, dn.s, dn_bias, z, p, dn.in_f, h, dn.s_e, dn.s_row,
+           dn.s_se, dn.s_srow, FP4=dn.fp4, BM=GROUP_BM, DOT_F32=INTERPRET)
+    return z.view(n, k, h).sum(1).to(torch.bfloat16)
