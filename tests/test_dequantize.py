@@ -40,7 +40,8 @@ def test_mxfp4_checkpoint_to_bf16_loads_in_transformers(make_ckpt, tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(out / wm["model.layers.0.mlp.experts.gate_up_proj"]), framework="pt") as f:
-        gu, dn = f.get_tensor("model.layers.0.mlp.experts.gate_up_proj"), f.get_tensor("model.layers.0.mlp.experts.down_proj")
+        p = "model.layers.0.mlp.experts."
+        gu, dn = f.get_tensor(p + "gate_up_proj"), f.get_tensor(p + "down_proj")
     H, I = cfg["hidden_size"], cfg["intermediate_size"]
     assert gu.shape == (E, H, 2 * I) and dn.shape == (E, I, H) and gu.dtype == torch.bfloat16
     ours = mxq.load_model(src, dtype=torch.float32)

@@ -55,7 +55,8 @@ def pruned(make_ckpt, tmp_path_factory):
 def hf_logits(folder, ids):
     from transformers import GptOssForCausalLM, Mxfp4Config
 
-    kw = {"quantization_config": Mxfp4Config(dequantize=True)} if "mxfp4" in (folder / "config.json").read_text() else {}
+    mxfp4 = "mxfp4" in (folder / "config.json").read_text()
+    kw = {"quantization_config": Mxfp4Config(dequantize=True)} if mxfp4 else {}
     ref = GptOssForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
     with torch.no_grad():
         return ref(ids).logits

@@ -22,16 +22,22 @@ def odd():
 
 
 CASES = [
-    ({"planner": "shrink"}, "recipe.planner='shrink': unknown planner; choose from mixed, prune, prune_then_quant, uniform"),
-    ({"planner": "prune", "stats": True, "prune": {"fraction": 1.0}}, "recipe.prune.fraction=1.0: must be a number in [0, 1)"),
+    ({"planner": "shrink"},
+     "recipe.planner='shrink': unknown planner; choose from mixed, prune, prune_then_quant, uniform"),
+    ({"planner": "prune", "stats": True, "prune": {"fraction": 1.0}},
+     "recipe.prune.fraction=1.0: must be a number in [0, 1)"),
     ({"planner": "prune", "stats": True, "prune": {"fraction": -0.1}}, "recipe.prune.fraction=-0.1: must be a number"),
     ({"planner": "prune", "stats": True, "prune": {"fraction": 0.95}},
      "recipe.prune.fraction=0.95: keeps 2 of 32 experts per layer, fewer than num_experts_per_tok=4 "
      "(top-k must not exceed the experts kept)"),
-    ({"planner": "prune", "stats": True, "prune": {"criterion": "magnitude"}}, "recipe.prune.criterion='magnitude': unknown criterion"),
-    ({"planner": "prune", "prune": {"criterion": "reap"}}, "recipe.prune.criterion='reap': needs router statistics; set recipe.stats=true"),
-    ({"planner": "prune", "stats": True, "prune": {"protect_super": "yes"}}, "recipe.prune.protect_super='yes': must be true or false"),
-    ({"planner": "prune", "stats": True, "quant": {"format": "nvfp4"}}, "recipe.quant.format='nvfp4': planner=prune keeps the source format"),
+    ({"planner": "prune", "stats": True, "prune": {"criterion": "magnitude"}},
+     "recipe.prune.criterion='magnitude': unknown criterion"),
+    ({"planner": "prune", "prune": {"criterion": "reap"}},
+     "recipe.prune.criterion='reap': needs router statistics; set recipe.stats=true"),
+    ({"planner": "prune", "stats": True, "prune": {"protect_super": "yes"}},
+     "recipe.prune.protect_super='yes': must be true or false"),
+    ({"planner": "prune", "stats": True, "quant": {"format": "nvfp4"}},
+     "recipe.quant.format='nvfp4': planner=prune keeps the source format"),
     ({"planner": "uniform", "quant": {"format": "nvfp4"}, "prune": {"fraction": 0.25}},
      "recipe.prune.fraction=0.25: planner=uniform does not prune"),
     ({"planner": "uniform", "quant": {"format": "nvfp4"}, "mixed": {"budget_bits": 4.5}},
@@ -39,21 +45,30 @@ CASES = [
     ({"planner": "mixed", "quant": {"format": "nvfp4"}, "mixed": {"budget_bits": 4.5, "importance": "uniform"}},
      "recipe.quant.format='nvfp4': planner=mixed chooses the expert formats itself"),
     ({"planner": "uniform", "quant": {"format": "int5"}}, "recipe.quant.format='int5': not a registered format"),
-    ({"planner": "uniform", "quant": {"format": "mixed"}}, "recipe.quant.format='mixed': not a registered format; choose from keep"),
-    ({"planner": "uniform", "quant": {"format": "mxfp4", "attention": "nvfp4"}}, "recipe.quant.attention='nvfp4': allowed formats are bf16, fp8, fp8_block"),
+    ({"planner": "uniform", "quant": {"format": "mixed"}},
+     "recipe.quant.format='mixed': not a registered format; choose from keep"),
+    ({"planner": "uniform", "quant": {"format": "mxfp4", "attention": "nvfp4"}},
+     "recipe.quant.attention='nvfp4': allowed formats are bf16, fp8, fp8_block"),
     ({"planner": "uniform", "quant": {"format": "mxfp4", "lm_head": "int4_g32"}}, "recipe.quant.lm_head='int4_g32'"),
-    ({"planner": "mixed", "mixed": {"budget_bits": 4.5, "importance": "uniform", "menu": ["nvfp4", "int3"]}}, "recipe.mixed.menu='int3': not a registered format"),
-    ({"planner": "mixed", "mixed": {"budget_bits": 4.5, "importance": "uniform", "menu": []}}, "recipe.mixed.menu=[]: must be a non-empty list"),
+    ({"planner": "mixed", "mixed": {"budget_bits": 4.5, "importance": "uniform", "menu": ["nvfp4", "int3"]}},
+     "recipe.mixed.menu='int3': not a registered format"),
+    ({"planner": "mixed", "mixed": {"budget_bits": 4.5, "importance": "uniform", "menu": []}},
+     "recipe.mixed.menu=[]: must be a non-empty list"),
     ({"planner": "mixed", "mixed": {"budget_bits": 3.0, "importance": "uniform"}},
      "recipe.mixed.budget_bits=3.0: is below the cheapest menu choice (nf4_dq: 4.1"),
     ({"planner": "mixed", "mixed": {"budget_bytes": 1000, "importance": "uniform"}},
      "recipe.mixed.budget_bytes=1000: is below the cheapest menu choice (nf4_dq:"),
-    ({"planner": "mixed", "mixed": {"importance": "uniform"}}, "set exactly one of recipe.mixed.budget_bits and recipe.mixed.budget_bytes"),
-    ({"planner": "mixed", "mixed": {"budget_bits": 4.5, "budget_bytes": 10**9, "importance": "uniform"}}, "set exactly one of"),
+    ({"planner": "mixed", "mixed": {"importance": "uniform"}},
+     "set exactly one of recipe.mixed.budget_bits and recipe.mixed.budget_bytes"),
+    ({"planner": "mixed", "mixed": {"budget_bits": 4.5, "budget_bytes": 10**9, "importance": "uniform"}},
+     "set exactly one of"),
     ({"planner": "mixed", "mixed": {"budget_bits": 4.5}}, "recipe.mixed.importance='reap': needs router statistics"),
-    ({"planner": "mixed", "mixed": {"budget_bits": 4.5, "importance": "uniform", "solver": "cplex"}}, "recipe.mixed.solver='cplex': unknown solver"),
-    ({"planner": "mixed", "mixed": {"budget_bits": 4.5, "importance": "uniform", "scope": "expert"}}, "recipe.mixed.scope='expert': unknown scope"),
-    ({"planner": "uniform", "quant": {"format": "mxfp4"}, "export": {"enabled": "yes"}}, "recipe.export.enabled='yes': must be true or false"),
+    ({"planner": "mixed", "mixed": {"budget_bits": 4.5, "importance": "uniform", "solver": "cplex"}},
+     "recipe.mixed.solver='cplex': unknown solver"),
+    ({"planner": "mixed", "mixed": {"budget_bits": 4.5, "importance": "uniform", "scope": "expert"}},
+     "recipe.mixed.scope='expert': unknown scope"),
+    ({"planner": "uniform", "quant": {"format": "mxfp4"}, "export": {"enabled": "yes"}},
+     "recipe.export.enabled='yes': must be true or false"),
 ]
 
 
@@ -81,7 +96,8 @@ def test_valid_recipes_pass_and_come_back_normalised(tiny):
     assert validate({"planner": None}, tiny)["planner"] is None
     from omegaconf import OmegaConf
 
-    assert validate(OmegaConf.create({"planner": "uniform", "quant": {"format": "fp8"}}), tiny)["quant"]["format"] == "fp8"
+    dc = OmegaConf.create({"planner": "uniform", "quant": {"format": "fp8"}})
+    assert validate(dc, tiny)["quant"]["format"] == "fp8"
 
 
 class Untouchable:
@@ -96,7 +112,7 @@ class Untouchable:
 
 
 def test_build_plan_validates_before_reading_statistics_or_weights(make_ckpt):
-    model = mxq.load_model(make_ckpt("mxfp4"))
+    model = mxq.load_model(make_ckpt("mxfp4"))                      # 32 experts, top-4
     with pytest.raises(PlanError, match="recipe.prune.fraction=0.95"):
         build_plan({"planner": "prune", "stats": True, "prune": {"fraction": 0.95}}, Untouchable(), model)
     assert model.config.num_local_experts == 32
@@ -106,7 +122,8 @@ def test_invalid_plans_are_rejected_before_the_model_changes(make_ckpt):
     model = mxq.load_model(make_ckpt("mxfp4"), dtype=torch.float32)
     before = model.layers[0].mlp.experts.packed("gate_up", 0).tensors["blocks"].clone()
     bad = {
-        "plan keeps different numbers of experts per layer [31, 32]": Plan([["mxfp4"] * 32, ["mxfp4"] * 31 + ["prune"]]),
+        "plan keeps different numbers of experts per layer [31, 32]":
+            Plan([["mxfp4"] * 32, ["mxfp4"] * 31 + ["prune"]]),
         "fewer than num_experts_per_tok": Plan([["mxfp4"] * 3 + ["prune"] * 29] * 2),
         "neither 'prune' nor a registered format": Plan([["mxfp4"] * 31 + ["int3"]] * 2),
         "plan is for 1 layers": Plan([["mxfp4"] * 32]),

@@ -210,6 +210,14 @@ def test_fast_path_matches_reference_model(ckpt_20b, experts):
     del gold_model
     e_ref, e_gold, e_ref_gold = rel(fast, ref), rel(fast, gold), rel(ref, gold)
     top1 = (fast.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    # diagnostics: per position, and the fast decode after the reference prefill (isolates the prefill)
+    st2 = rt.new_state(1, 512)
+    pre2 = rt.prefill(st2, ids, mode="reference").float()
+    fast2 = torch.stack([pre2[0]] + [rt.step(st2, forced[i:i + 1]).float()[0].clone() for i in range(steps)])
+    per_pos = {"fast_vs_bf16_ref": [round(rel(fast[i], ref[i]), 5) for i in range(steps + 1)],
+               "bf16_ref_vs_fp32": [round(rel(ref[i], gold[i]), 5) for i in range(steps + 1)],
+               "fast_decode_after_ref_prefill_vs_bf16_ref": [round(rel(fast2[i], ref[i]), 5)
+                                                             for i in range(steps + 1)]}
     # greedy generation, graph path vs the reference generate
     out = fast_generate(model, ids, steps)
     disable(model)
@@ -217,7 +225,8 @@ def test_fast_path_matches_reference_model(ckpt_20b, experts):
     a, b = out[0, T:].tolist(), ref_out[0, T:].tolist()
     agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
     report("model", experts=experts, logits_rel_vs_bf16_ref=e_ref, logits_rel_vs_fp32=e_gold,
-           bf16_ref_rel_vs_fp32=e_ref_gold, top1_vs_bf16_ref=top1, greedy_prefix_equal=agree, steps=steps)
+           bf16_ref_rel_vs_fp32=e_ref_gold, top1_vs_bf16_ref=top1, greedy_prefix_equal=agree, steps=steps,
+           per_position=per_pos)
     assert e_ref < 5e-2
     assert e_gold <= 1.5 * e_ref_gold + 1e-2
     assert top1 >= 0.85
@@ -239,6 +248,48 @@ def test_tiny_model_greedy_equal(make_ckpt):
              for r1, r2 in zip(out[:, 150:].tolist(), ref[:, 150:].tolist())]
     report("tiny_greedy", prefix_equal=agree, steps=16)
     assert min(agree) >= 8
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "bf16"])
+def test_every_autotune_config_matches_reference(fmt):
+    """Autotuning picks a config per shape key, so the kernel tests above check only the configs picked for
+    their shapes: force each config of each autotuned MoE kernel in turn."""
+    from mxq.runtime import stacked_experts
+    from mxq.runtime import moe_kernels as M
+
+    ex = make_experts(8, H, I, fmt, seed=9)
+    gu, dn = stacked_experts(ex, "gate_up"), stacked_experts(ex, "down")
+    g = torch.Generator(device=DEV).manual_seed(13)
+    n_dec, n_pre = 2, 300                                 # 300 tokens x 4 slots over 8 experts: ~150 per expert
+    x = torch.randn(n_pre, H, device=DEV, generator=g).bfloat16()
+    res = torch.randn(n_dec, H, device=DEV, generator=g).bfloat16()
+    idx, wt = routing(n_pre, 8, K, seed=17)
+    ref = ref_moe(ex, x, idx, wt)
+    errs = {}
+    kernels = [("gemv", M._gate_up_gemv_kernel, M._down_gemv_kernel, M._GEMV_CONFIGS),
+               ("grouped", M._gate_up_grouped_kernel, M._down_grouped_kernel, M._GROUPED_CONFIGS)]
+    for name, k1, k2, configs in kernels:
+        saved = (k1.configs, k2.configs)
+        try:
+            for c in configs:
+                for kern in (k1, k2):
+                    kern.configs = [c]
+                    kern.cache.clear()
+                if name == "gemv":
+                    y = M.gate_up_gemv(x[:n_dec], idx[:n_dec], gu, ex.gate_up_bias, 1.702, 7.0)
+                    out = M.down_gemv(y, idx[:n_dec], wt[:n_dec], dn, ex.down_bias, res)
+                    oref = (res.float() + ref[:n_dec].bfloat16().float()).bfloat16().float()
+                    err = rel(out.float() - res.float(), oref - res.float())
+                else:
+                    out = M.moe_grouped(x, idx, wt, gu, ex.gate_up_bias, dn, ex.down_bias, 1.702, 7.0)
+                    err = rel(out, ref)
+                errs[f"{name} {c.kwargs} w{c.num_warps} s{c.num_stages}"] = round(err, 5)
+        finally:
+            for kern, cf in zip((k1, k2), saved):
+                kern.configs = cf
+                kern.cache.clear()
+    report("every_config", fmt=fmt, rel=errs)
+    assert max(errs.values()) < 1.5e-2, errs
 
 
 def test_mixed_expert_formats_are_refused():

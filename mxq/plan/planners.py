@@ -49,7 +49,7 @@ def register_planner(name: str, uses: tuple[str, ...] = ()) -> Callable:
     return deco
 
 
-def _new_plan(recipe: dict, model, experts: list[list[str]]) -> Plan:
+def _new_plan(recipe: dict, experts: list[list[str]]) -> Plan:
     q = recipe["quant"]
     return Plan(experts, q["attention"], q["lm_head"], recipe.get("planner") or "", recipe)
 
@@ -64,7 +64,7 @@ def _uniform_rows(model, fmt: str, pruned: list[list[int]] | None = None) -> lis
 
 @register_planner("uniform", uses=("quant",))
 def plan_uniform(recipe: dict, stats, model) -> Plan:
-    return _new_plan(recipe, model, _uniform_rows(model, recipe["quant"]["format"]))
+    return _new_plan(recipe, _uniform_rows(model, recipe["quant"]["format"]))
 
 
 def _prune(recipe: dict, stats, model) -> tuple[list[list[int]], list[str], dict]:
@@ -76,7 +76,7 @@ def _prune(recipe: dict, stats, model) -> tuple[list[list[int]], list[str], dict
 @register_planner("prune", uses=("prune",))
 def plan_prune(recipe: dict, stats, model) -> Plan:
     pruned, notes, info = _prune(recipe, stats, model)
-    plan = _new_plan(recipe, model, _uniform_rows(model, KEEP, pruned))
+    plan = _new_plan(recipe, _uniform_rows(model, KEEP, pruned))
     plan.notes, plan.info = notes, {"prune": info}
     return plan
 
@@ -121,7 +121,7 @@ def _mixed(recipe: dict, stats, model, base: Plan) -> Plan:
     rows = [list(r) for r in base.experts]
     for (i, e), c in zip(idx, alloc.choice):
         rows[i][e] = menu[int(c)]
-    plan = _new_plan(recipe, model, rows)
+    plan = _new_plan(recipe, rows)
     plan.notes = list(base.notes) + notes
     plan.info = dict(base.info)
     plan.info["mixed"] = {
@@ -135,7 +135,7 @@ def _mixed(recipe: dict, stats, model, base: Plan) -> Plan:
 
 @register_planner("mixed", uses=("mixed",))
 def plan_mixed(recipe: dict, stats, model) -> Plan:
-    return _mixed(recipe, stats, model, _new_plan(recipe, model, _uniform_rows(model, KEEP)))
+    return _mixed(recipe, stats, model, _new_plan(recipe, _uniform_rows(model, KEEP)))
 
 
 @register_planner("prune_then_quant", uses=("prune", "quant", "mixed"))
@@ -145,7 +145,7 @@ def plan_prune_then_quant(recipe: dict, stats, model) -> Plan:
     if fmt == MIXED:
         return _mixed(recipe, stats, model, base)
     pruned = [[e for e, f in enumerate(r) if f == PRUNE] for r in base.experts]
-    plan = _new_plan(recipe, model, _uniform_rows(model, fmt, pruned))
+    plan = _new_plan(recipe, _uniform_rows(model, fmt, pruned))
     plan.notes, plan.info = base.notes, base.info
     return plan
 

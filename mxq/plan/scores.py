@@ -96,7 +96,8 @@ def choose_pruned(config, stats, criterion: str, fraction_count: int, protect_su
         for e in range(E):
             if unc[i, e]:
                 fate = "pruned" if e in drop else "kept (more uncalibrated experts than the prune count)"
-                notes.append(f"layer {i} expert {e}: uncalibrated (no calibration token), ranked least important, {fate}")
+                notes.append(f"layer {i} expert {e}: uncalibrated (no calibration token), ranked least important, "
+                             f"{fate}")
     protected = sorted(supers)
     if protected:
         notes.append(f"super experts protected from pruning: {protected}")
