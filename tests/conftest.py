@@ -33,3 +33,15 @@ def make_ckpt(tmp_path_factory) -> Callable[..., Path]:
 def tiny_ckpt(make_ckpt) -> Path:
     """2-layer tiny-preset checkpoint with MXFP4 experts (and the original/ folder)."""
     return make_ckpt("mxfp4", with_original=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The test models are tiny: one torch thread per worker is as fast on an idle CPU and several times
+    faster on a shared one (OpenMP threads spin-wait whenever another process takes a core)."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

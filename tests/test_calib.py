@@ -17,14 +17,6 @@ from mxq.data.corpus import DOMAINS, load_text
 CALIB_DIR = Path(__file__).resolve().parents[1] / "recipes" / "calib"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared CPU thread wake-ups dominate."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def tok(make_ckpt):

@@ -17,14 +17,6 @@ CFG = {"perplexity": {"domains": ["austen"], "max_tokens": 40, "max_length": 24,
        "kl": {"cache_dtype": "float32"}, "progress": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is as fast on an idle CPU and several times faster on a shared one."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
 
 @pytest.fixture(scope="module")
 def small(make_ckpt):

@@ -15,14 +15,6 @@ PAIRS = [("It is a truth universally", " acknowledged"), ("The king", " said unt
          ("Mr. Darcy ", "replied"), ("And God said, Let there be light: and there was", " light.")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is as fast on an idle CPU and several times faster on a shared one."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
 
 @pytest.fixture(scope="module")
 def lm(make_ckpt):

@@ -14,14 +14,6 @@ from mxq.evaluate.demo import TEST_EVAL, fake_router_stats, make_run
 from mxq.evaluate.metrics import REQUIRED, missing_keys, param_counts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is as fast on an idle CPU and several times faster on a shared one."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
 
 @pytest.fixture(scope="module")
 def sweep(make_ckpt, tmp_path_factory) -> tuple[Path, Path, dict, dict]:

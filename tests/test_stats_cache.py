@@ -16,14 +16,6 @@ collect_mod = importlib.import_module("mxq.stats.collect")  # the module (mxq.st
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared CPU thread wake-ups dominate."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def setup(make_ckpt):

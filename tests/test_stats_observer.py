@@ -20,14 +20,6 @@ DOMAINS = ["a", "b", "a", "c"]
 ALL = "__all__"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared CPU thread wake-ups dominate."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def model(make_ckpt):

@@ -15,14 +15,6 @@ CALIB = {"source": "corpus", "num_sequences": 4, "seq_len": 32, "seed": 3}
 PLANT_CHANNEL = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared CPU thread wake-ups dominate."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def planted(make_ckpt):
