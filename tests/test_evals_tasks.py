@@ -14,8 +14,9 @@ from mxq.data.evals import EVALS_DIR, task_manager
 FAMILIES = tuple(build_evals.FAMILIES)
 SIZES = {"tiny_ppl": eval_items.PPL_DOCS, "tiny_cloze": eval_items.CLOZE_ITEMS,
          "tiny_nextsent": eval_items.MC_ITEMS}
-# instances per document: one rolling request, one loglikelihood request, one per choice
-PER_DOC = {"tiny_ppl": 1, "tiny_cloze": 1, "tiny_nextsent": 4}
+# instances per document: one rolling request, one loglikelihood request, two per choice (with and
+# without the context: acc_mutual_info needs the unconditional log-likelihood)
+PER_DOC = {"tiny_ppl": 1, "tiny_cloze": 1, "tiny_nextsent": 8}
 
 
 def _items(family: str, domain: str) -> list[dict]:

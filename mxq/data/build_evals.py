@@ -51,8 +51,9 @@ FAMILIES: dict[str, tuple[Callable[[str], list[dict[str, Any]]], dict[str, Any],
         "doc_to_target": "label",
         "target_delimiter": "",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
-    }, ["acc", "acc_norm"]),
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_mutual_info", "aggregation": "mean", "higher_is_better": True}],
+    }, ["acc", "acc_norm", "acc_mutual_info"]),
 }
 
 
