@@ -114,7 +114,8 @@ def kernel_breakdown(rt, reps: int = 5) -> dict:
     import torch.nn.functional as F
 
     from mxq.runtime.attn_kernels import rmsnorm, rope_cache, sink_attention
-    from mxq.runtime.moe_kernels import down_gemv, gate_up_gemv, router_topk
+    from mxq.runtime.linear_kernels import linear_gemv
+    from mxq.runtime.moe_kernels import down_gemv, gate_up_gemv, kernel_x, router_topk
 
     st = rt._state
     m = rt.model
@@ -122,14 +123,16 @@ def kernel_breakdown(rt, reps: int = 5) -> dict:
     nl = len(rt.layers)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(1, cfg.hidden_size, device="cuda", generator=g).bfloat16()
-    pos = st.pos.clone()                                     # current position (after a 2,048 + g run)
+    pos = st.pos.clone()                                     # current position (after a 2,048-token prefill)
     ids = [router_topk(x, L.wr, L.br, rt.top_k) for L in rt.layers]
     q = [F.linear(x, L.wq, L.bq) for L in rt.layers]
     k = [F.linear(x, L.wk, L.bk) for L in rt.layers]
     v = [F.linear(x, L.wv, L.bv) for L in rt.layers]
     qr = rope_cache(q[0], k[0], v[0], st.cos, st.sin, st.cache.k[0], st.cache.v[0], pos, 1)
     o = torch.randn(1, cfg.num_attention_heads * cfg.head_dim, device="cuda", generator=g).bfloat16()
-    y = [gate_up_gemv(x, ids[i][0], L.gu, L.gu_bias, rt.alpha, rt.limit) for i, L in enumerate(rt.layers)]
+    xs = kernel_x(x, rt.layers[0].gu.fp4)
+    y = [gate_up_gemv(xs, ids[i][0], L.gu, L.gu_bias, rt.alpha, rt.limit, L.dn.fp4) for i, L in enumerate(rt.layers)]
+    z = down_gemv(y[0], ids[0][0], ids[0][1], rt.layers[0].dn, rt.layers[0].dn_bias)
     full = [i for i, L in enumerate(rt.layers) if L.window == 0]
     slide = [i for i, L in enumerate(rt.layers) if L.window > 0]
 
@@ -137,22 +140,24 @@ def kernel_breakdown(rt, reps: int = 5) -> dict:
         L = rt.layers[i]
         return sink_attention(qr, st.cache.k[i], st.cache.v[i], L.sinks, pos, 1, L.window, rt.scale, True)
     ops = {
-        "rmsnorm": lambda i: rmsnorm(x, rt.layers[i].ln1, rt.eps),
-        "add_rmsnorm": lambda i: rmsnorm(x, rt.layers[i].ln2, rt.eps, delta=x),
-        "q_k_v (3 cuBLAS)": lambda i: (F.linear(x, rt.layers[i].wq, rt.layers[i].bq),
-                                       F.linear(x, rt.layers[i].wk, rt.layers[i].bk),
-                                       F.linear(x, rt.layers[i].wv, rt.layers[i].bv)),
+        "add_rmsnorm (attn)": lambda i: rmsnorm(x, rt.layers[i].ln2, rt.eps, delta=x, hs="xperm"),
+        "moe_sum_rmsnorm": lambda i: rmsnorm(x, rt.layers[i].ln1, rt.eps, moe=z),
+        "q_k_v GEMV": lambda i: linear_gemv(x, [(rt.layers[i].wq, rt.layers[i].bq), (rt.layers[i].wk, rt.layers[i].bk),
+                                                (rt.layers[i].wv, rt.layers[i].bv)]),
+        "q_k_v cuBLAS (3 calls, not used)": lambda i: (F.linear(x, rt.layers[i].wq, rt.layers[i].bq),
+                                                       F.linear(x, rt.layers[i].wk, rt.layers[i].bk),
+                                                       F.linear(x, rt.layers[i].wv, rt.layers[i].bv)),
         "rope_cache": lambda i: rope_cache(q[i], k[i], v[i], st.cos, st.sin, st.cache.k[i], st.cache.v[i], pos, 1),
         "attention (split + merge)": lambda i: attn(full[i % len(full)] if i % 2 else slide[i % len(slide)]),
         "attention full layer": lambda i: attn(full[i % len(full)]),
         "attention sliding layer": lambda i: attn(slide[i % len(slide)]),
-        "o_proj": lambda i: F.linear(o, rt.layers[i].wo, rt.layers[i].bo),
+        "o_proj GEMV": lambda i: linear_gemv(o, [(rt.layers[i].wo, rt.layers[i].bo)]),
         "router_topk": lambda i: router_topk(x, rt.layers[i].wr, rt.layers[i].br, rt.top_k),
-        "gate_up_gemv": lambda i: gate_up_gemv(x, ids[i][0], rt.layers[i].gu, rt.layers[i].gu_bias, rt.alpha,
-                                               rt.limit),
-        "down_gemv": lambda i: down_gemv(y[i], ids[i][0], ids[i][1], rt.layers[i].dn, rt.layers[i].dn_bias, x),
+        "gate_up_gemv": lambda i: gate_up_gemv(xs, ids[i][0], rt.layers[i].gu, rt.layers[i].gu_bias, rt.alpha,
+                                               rt.limit, rt.layers[i].dn.fp4),
+        "down_gemv": lambda i: down_gemv(y[i], ids[i][0], ids[i][1], rt.layers[i].dn, rt.layers[i].dn_bias),
         "lm_head": lambda i: F.linear(x, m.lm_head.weight),
-        "argmax": lambda i: torch.argmax(F.linear(x, m.lm_head.weight[:1]), dim=-1),
+        "argmax": lambda i: torch.argmax(o, dim=-1),
     }
     out = {}
     for name, fn in ops.items():
@@ -180,10 +185,12 @@ def kernel_breakdown(rt, reps: int = 5) -> dict:
     out["gate_up_gemv_TBps"] = round(exp_bytes / out["gate_up_gemv"] / 1e6, 3)
     exp_bytes = rt.top_k * (nbytes(lyr.dn.w[0]) + (nbytes(lyr.dn.s[0]) if lyr.dn.fp4 else 0))
     out["down_gemv_TBps"] = round(exp_bytes / out["down_gemv"] / 1e6, 3)
-    out["q_k_v_TBps"] = round(2 * (lyr.wq.numel() + lyr.wk.numel() + lyr.wv.numel()) / out["q_k_v (3 cuBLAS)"] / 1e6, 3)
+    out["q_k_v_TBps"] = round(2 * (lyr.wq.numel() + lyr.wk.numel() + lyr.wv.numel()) / out["q_k_v GEMV"] / 1e6, 3)
+    out["o_proj_TBps"] = round(2 * lyr.wo.numel() / out["o_proj GEMV"] / 1e6, 3)
     out["lm_head_TBps"] = round(2 * m.lm_head.weight.numel() / out["lm_head"] / 1e6, 3)
-    per_layer = sum(out[k] for k in ("rmsnorm", "add_rmsnorm", "q_k_v (3 cuBLAS)", "rope_cache",
-                                     "attention (split + merge)", "o_proj", "router_topk", "gate_up_gemv", "down_gemv"))
+    per_layer = sum(out[k] for k in ("add_rmsnorm (attn)", "moe_sum_rmsnorm", "q_k_v GEMV", "rope_cache",
+                                     "attention (split + merge)", "o_proj GEMV", "router_topk", "gate_up_gemv",
+                                     "down_gemv"))
     out["sum_per_step_us"] = round(nl * per_layer + out["lm_head"] + out["argmax"], 1)
     return out
 

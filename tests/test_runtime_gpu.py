@@ -95,7 +95,8 @@ def test_router_topk_matches_torch():
 def test_moe_decode_kernels_match_expert_forward(fmt):
     from mxq.model.experts import clamped_swiglu
     from mxq.runtime import stacked_experts
-    from mxq.runtime.moe_kernels import down_gemv, gate_up_gemv
+    from mxq.runtime.attn_kernels import rmsnorm
+    from mxq.runtime.moe_kernels import down_gemv, gate_up_gemv, kernel_x, xperm_index
 
     ex = make_experts(E, H, I, fmt)
     gu, dn = stacked_experts(ex, "gate_up"), stacked_experts(ex, "down")
@@ -104,15 +105,19 @@ def test_moe_decode_kernels_match_expert_forward(fmt):
         x = torch.randn(n, H, device=DEV, generator=g).bfloat16()
         res = torch.randn(n, H, device=DEV, generator=g).bfloat16()
         idx, wt = routing(n, E, K, seed=n)
-        y = gate_up_gemv(x, idx, gu, ex.gate_up_bias, 1.702, 7.0)
+        y = gate_up_gemv(kernel_x(x, gu.fp4), idx, gu, ex.gate_up_bias, 1.702, 7.0, yperm=dn.fp4)
+        y_nat = y[:, xperm_index(I, DEV)] if dn.fp4 else y
         yref = torch.stack([clamped_swiglu(ex.gate_up_matmul(int(idx[t, j]), x[t:t + 1])
                                            + ex.gate_up_bias[int(idx[t, j])], 1.702, 7.0)[0]
                             for t in range(n) for j in range(K)])
-        out = down_gemv(y, idx, wt, dn, ex.down_bias, res)
-        oref = res.float() + ref_moe(ex, x, idx, wt).bfloat16().float()
-        ey, eo = rel(y, yref), rel(out - res.float(), oref - res.float())
-        report("moe_decode", fmt=fmt, n=n, gate_up_rel=ey, moe_out_rel=eo)
-        assert ey < 1e-2 and eo < 1e-2
+        z = down_gemv(y, idx, wt, dn, ex.down_bias)                           # [n, k, H]
+        moe_ref = ref_moe(ex, x, idx, wt)
+        w = torch.ones(H, device=DEV)
+        out, _ = rmsnorm(res, w, 1e-5, moe=z)                                 # residual + bf16(sum_j z)
+        ey, ez = rel(y_nat, yref), rel(z.sum(1), moe_ref)
+        eo = rel(out.float() - res.float(), (res.float() + moe_ref.bfloat16().float()).bfloat16().float() - res.float())
+        report("moe_decode", fmt=fmt, n=n, gate_up_rel=ey, moe_out_rel=ez, residual_add_rel=eo)
+        assert ey < 1e-2 and ez < 1e-2 and eo < 1e-2
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "bf16"])
@@ -122,13 +127,35 @@ def test_moe_grouped_matches_expert_forward(fmt):
 
     ex = make_experts(E, H, I, fmt, seed=3)
     gu, dn = stacked_experts(ex, "gate_up"), stacked_experts(ex, "down")
-    n = 150
+    n = 600                                              # ~75 pairs per expert: several tiles per expert
     x = torch.randn(n, H, device=DEV, generator=torch.Generator(device=DEV).manual_seed(5)).bfloat16()
     idx, wt = routing(n, E, K, seed=7)
-    out = moe_grouped(x, idx, wt, gu, ex.gate_up_bias, dn, ex.down_bias, 1.702, 7.0)
-    err = rel(out, ref_moe(ex, x, idx, wt))
+    z = moe_grouped(x, idx, wt, gu, ex.gate_up_bias, dn, ex.down_bias, 1.702, 7.0)
+    err = rel(z.sum(1), ref_moe(ex, x, idx, wt))
     report("moe_grouped", fmt=fmt, n=n, rel=err)
     assert err < 1e-2
+
+
+def test_rmsnorm_and_linear_gemv():
+    from mxq.model.attention import rms_norm
+    from mxq.runtime.attn_kernels import rmsnorm
+    from mxq.runtime.linear_kernels import linear_gemv
+
+    g = torch.Generator(device=DEV).manual_seed(2)
+    x = torch.randn(3, H, device=DEV, generator=g).bfloat16()
+    d = torch.randn(3, H, device=DEV, generator=g).bfloat16()
+    w = (1 + 0.1 * torch.randn(H, device=DEV, generator=g)).float()
+    xo, h = rmsnorm(x, w, 1e-5, delta=d)
+    e_norm = rel(h, rms_norm(x + d, w, 1e-5))
+    outs = []
+    for n_out in (4096, 512, 512):
+        wt = (torch.randn(n_out, H, device=DEV, generator=g) * H ** -0.5).bfloat16()
+        b = (torch.randn(n_out, device=DEV, generator=g) * 0.1).bfloat16()
+        outs.append((wt, b))
+    got = linear_gemv(h, outs)
+    e_lin = max(rel(y, torch.nn.functional.linear(h, wt, b)) for y, (wt, b) in zip(got, outs))
+    report("norm_linear", rmsnorm_rel=e_norm, residual_equal=bool(torch.equal(xo, x + d)), linear_rel=e_lin)
+    assert torch.equal(xo, x + d) and e_norm < 1e-2 and e_lin < 1e-2
 
 
 def ref_sink_attention(q, k, v, sinks, q_index, window, scale):
@@ -262,12 +289,12 @@ def test_every_autotune_config_matches_reference(fmt):
     g = torch.Generator(device=DEV).manual_seed(13)
     n_dec, n_pre = 2, 300                                 # 300 tokens x 4 slots over 8 experts: ~150 per expert
     x = torch.randn(n_pre, H, device=DEV, generator=g).bfloat16()
-    res = torch.randn(n_dec, H, device=DEV, generator=g).bfloat16()
     idx, wt = routing(n_pre, 8, K, seed=17)
     ref = ref_moe(ex, x, idx, wt)
     errs = {}
     kernels = [("gemv", M._gate_up_gemv_kernel, M._down_gemv_kernel, M._GEMV_CONFIGS),
                ("grouped", M._gate_up_grouped_kernel, M._down_grouped_kernel, M._GROUPED_CONFIGS)]
+    # (the bf16 GEMV of linear_kernels is checked for its picked config in test_rmsnorm_and_linear_gemv)
     for name, k1, k2, configs in kernels:
         saved = (k1.configs, k2.configs)
         try:
@@ -276,13 +303,13 @@ def test_every_autotune_config_matches_reference(fmt):
                     kern.configs = [c]
                     kern.cache.clear()
                 if name == "gemv":
-                    y = M.gate_up_gemv(x[:n_dec], idx[:n_dec], gu, ex.gate_up_bias, 1.702, 7.0)
-                    out = M.down_gemv(y, idx[:n_dec], wt[:n_dec], dn, ex.down_bias, res)
-                    oref = (res.float() + ref[:n_dec].bfloat16().float()).bfloat16().float()
-                    err = rel(out.float() - res.float(), oref - res.float())
+                    y = M.gate_up_gemv(M.kernel_x(x[:n_dec], gu.fp4), idx[:n_dec], gu, ex.gate_up_bias, 1.702, 7.0,
+                                       yperm=dn.fp4)
+                    z = M.down_gemv(y, idx[:n_dec], wt[:n_dec], dn, ex.down_bias)
+                    err = rel(z.sum(1), ref[:n_dec])
                 else:
-                    out = M.moe_grouped(x, idx, wt, gu, ex.gate_up_bias, dn, ex.down_bias, 1.702, 7.0)
-                    err = rel(out, ref)
+                    z = M.moe_grouped(x, idx, wt, gu, ex.gate_up_bias, dn, ex.down_bias, 1.702, 7.0)
+                    err = rel(z.sum(1), ref)
                 errs[f"{name} {c.kwargs} w{c.num_warps} s{c.num_stages}"] = round(err, 5)
         finally:
             for kern, cf in zip((k1, k2), saved):

@@ -14,28 +14,53 @@ from ._common import INTERPRET, bf16r, mma, next_pow2, tl, triton
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, d_ptr, xo_ptr, h_ptr, w_ptr, H, eps, HAS_ADD: tl.constexpr, BH: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, d_ptr, xo_ptr, h_ptr, hs_ptr, w_ptr, H, eps,
+                    ADD: tl.constexpr, TOPK: tl.constexpr, HS: tl.constexpr, BH: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BH)
     m = offs < H
     x = tl.load(x_ptr + row * H + offs, mask=m, other=0.0).to(tl.float32)
-    if HAS_ADD:
+    if ADD == 1:                                   # residual + a bf16 delta (attention output)
         x = bf16r(x + tl.load(d_ptr + row * H + offs, mask=m, other=0.0).to(tl.float32))
+    if ADD == 2:                                   # residual + bf16(sum of the k weighted expert outputs)
+        acc = tl.zeros([BH], dtype=tl.float32)
+        for j in tl.static_range(TOPK):
+            acc += tl.load(d_ptr + (row * TOPK + j) * H + offs, mask=m, other=0.0)
+        x = bf16r(x + bf16r(acc))
+    if ADD > 0:
         tl.store(xo_ptr + row * H + offs, x.to(tl.bfloat16), mask=m)
     r = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
     w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(h_ptr + row * H + offs, (w * (x * r)).to(tl.bfloat16), mask=m)
+    h = (w * (x * r)).to(tl.bfloat16)
+    tl.store(h_ptr + row * H + offs, h, mask=m)
+    if HS == 1:                                    # fp32 copy for the bf16-expert GEMV
+        tl.store(hs_ptr + row * H + offs, h.to(tl.float32), mask=m)
+    if HS == 2:                                    # fp32 copy in the MXFP4 GEMV's order (evens, odds per 32)
+        tl.store(hs_ptr + row * H + (offs // 32) * 32 + (offs % 2) * 16 + (offs % 32) // 2, h.to(tl.float32),
+                 mask=m)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None):
-    """RMSNorm of x [N, H] (fp32 math, like ``mxq.model.attention.rms_norm``); with ``delta``, first
-    x <- bf16(x + delta) (the residual add). Returns h, or (x_new, h) when ``delta`` is given."""
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None,
+            moe: torch.Tensor | None = None, hs: str | None = None):
+    """RMSNorm of x [N, H] in fp32 (like ``mxq.model.attention.rms_norm``), first adding to the residual x
+    either ``delta`` [N, H] bf16 or the MoE partials ``moe`` [N, k, H] fp32 (x <- bf16(x + bf16(sum_j))).
+
+    Returns h, or (x_new, h) with an add; ``hs`` ("fp32" or "xperm") also returns an fp32 copy of h for the
+    expert GEMV kernels."""
     n, hd = x.shape
     h = torch.empty_like(x)
-    xo = torch.empty_like(x) if delta is not None else x
-    _rmsnorm_kernel[(n,)](x, delta if delta is not None else x, xo, h, weight, hd, float(eps),
-                          HAS_ADD=delta is not None, BH=next_pow2(hd), num_warps=8 if hd > 2048 else 4)
-    return (xo, h) if delta is not None else h
+    add = 1 if delta is not None else 2 if moe is not None else 0
+    d = delta if delta is not None else moe if moe is not None else x
+    xo = torch.empty_like(x) if add else x
+    hs_mode = {None: 0, "fp32": 1, "xperm": 2}[hs]
+    hsb = torch.empty(n, hd, dtype=torch.float32, device=x.device) if hs_mode else h
+    _rmsnorm_kernel[(n,)](x, d, xo, h, hsb, weight, hd, float(eps), ADD=add,
+                          TOPK=moe.shape[1] if moe is not None else 1, HS=hs_mode, BH=next_pow2(hd),
+                          num_warps=8 if hd > 2048 else 4)
+    out = (xo, h) if add else (h,)
+    if hs_mode:
+        out = out + (hsb,)
+    return out if len(out) > 1 else out[0]
 
 
 # ----------------------------------------------------------------------------------------------- RoPE + cache

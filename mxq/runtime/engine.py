@@ -1,10 +1,11 @@
 """The fast path: Triton kernels for every step of a GPT-OSS decode, captured in one CUDA graph.
 
-Decode step (batch B, one token per row; no host synchronisation anywhere):
-  embed(seq[:, pos]) -> per layer: RMSNorm -> q/k/v (cuBLAS) -> RoPE + KV-cache write -> split-K sink
-  attention + merge -> o_proj (cuBLAS) -> residual add + RMSNorm -> router top-k softmax ->
-  gate_up GEMV + SwiGLU -> down GEMV + routing-weighted sum + residual -> ... -> RMSNorm -> lm_head ->
-  argmax -> seq[:, pos + 1] = next, pos += 1.
+Decode step (batch B, one token per row; no host synchronisation anywhere), 11 launches per layer:
+  embed(seq[:, pos]) -> RMSNorm -> per layer: q/k/v GEMV (one launch) -> RoPE + KV-cache write -> split-K
+  sink attention + merge -> o_proj GEMV -> residual add + RMSNorm -> router logits -> top-k softmax ->
+  gate_up GEMV + SwiGLU (all k experts) -> down GEMV (all k experts, routing-weighted) -> [sum of the k
+  expert outputs + residual + next RMSNorm] -> ... -> lm_head (cuBLAS) -> argmax -> seq[:, pos + 1] = next,
+  pos += 1.
 Every position is read from the device scalar ``pos``, so one captured graph replays at any position.
 Prefill: the same kernels over T tokens (attention without the key split), the MoE as grouped GEMMs over
 (token, expert) pairs sorted by expert, lm_head on the last token only; or the reference model
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from ._common import INTERPRET, require_triton
 from .attn_kernels import advance, embed_at, rmsnorm, rope_cache, sink_attention
+from .linear_kernels import linear_gemv
 from .moe_kernels import ExpertWeights, down_gemv, gate_up_gemv, moe_grouped, router_topk
 
 from . import RUNTIME_PATH
@@ -130,31 +132,36 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------------- forward
     def _layers(self, x: Tensor, t: int, st: DecodeState, decode: bool) -> Tensor:
+        """Every layer over x [N, H] (N = B*T); returns the final-normed hidden states [N, H]."""
         n = x.shape[0]
         h = rmsnorm(x, self.layers[0].ln1, self.eps)
         for i, L in enumerate(self.layers):
-            q, k, v = F.linear(h, L.wq, L.bq), F.linear(h, L.wk, L.bk), F.linear(h, L.wv, L.bv)
+            if decode:
+                q, k, v = linear_gemv(h, [(L.wq, L.bq), (L.wk, L.bk), (L.wv, L.bv)])
+            else:
+                q, k, v = F.linear(h, L.wq, L.bq), F.linear(h, L.wk, L.bk), F.linear(h, L.wv, L.bv)
             kc, vc = st.cache.k[i], st.cache.v[i]
             qr = rope_cache(q, k, v, st.cos, st.sin, kc, vc, st.pos, t)
             o = sink_attention(qr, kc, vc, L.sinks, st.pos, t, L.window, self.scale, split=decode)
-            a = F.linear(o.view(n, -1), L.wo, L.bo)
-            x, h2 = rmsnorm(x, L.ln2, self.eps, delta=a)
+            if decode:
+                a = linear_gemv(o.view(n, -1), [(L.wo, L.bo)])[0]
+                x, h2, hs = rmsnorm(x, L.ln2, self.eps, delta=a, hs="xperm" if L.gu.fp4 else "fp32")
+            else:
+                a = F.linear(o.view(n, -1), L.wo, L.bo)
+                x, h2 = rmsnorm(x, L.ln2, self.eps, delta=a)
             idx, wt = router_topk(h2, L.wr, L.br, self.top_k)
             if decode:
-                y = gate_up_gemv(h2, idx, L.gu, L.gu_bias, self.alpha, self.limit)
-                x = down_gemv(y, idx, wt, L.dn, L.dn_bias, x)
+                y = gate_up_gemv(hs, idx, L.gu, L.gu_bias, self.alpha, self.limit, yperm=L.dn.fp4)
+                z = down_gemv(y, idx, wt, L.dn, L.dn_bias)
             else:
-                x = x + moe_grouped(h2, idx, wt, L.gu, L.gu_bias, L.dn, L.dn_bias, self.alpha, self.limit)
-            if i + 1 < len(self.layers):
-                h = rmsnorm(x, self.layers[i + 1].ln1, self.eps)
-        return x
-
-    def _head(self, x: Tensor) -> Tensor:
-        return F.linear(rmsnorm(x, self.model.norm.weight, self.eps), self.model.lm_head.weight)
+                z = moe_grouped(h2, idx, wt, L.gu, L.gu_bias, L.dn, L.dn_bias, self.alpha, self.limit)
+            nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.model.norm.weight
+            x, h = rmsnorm(x, nxt, self.eps, moe=z)
+        return h
 
     def _decode_body(self, st: DecodeState) -> Tensor:
         x = embed_at(st.seq, st.pos, self.model.embed_tokens.weight)
-        logits = self._head(self._layers(x, 1, st, decode=True))               # [B, V]
+        logits = F.linear(self._layers(x, 1, st, decode=True), self.model.lm_head.weight)   # [B, V]
         advance(torch.argmax(logits, dim=-1), st.seq, st.pos)
         return logits
 
@@ -211,8 +218,8 @@ class Runtime:
             logits = self.model(input_ids, cache=c).logits[:, -1]
         elif mode == "fast":
             x = F.embedding(input_ids.reshape(-1), self.model.embed_tokens.weight)
-            x = self._layers(x, t, st, decode=False)
-            logits = self._head(x.view(b, t, -1)[:, -1].contiguous())
+            h = self._layers(x, t, st, decode=False)
+            logits = F.linear(h.view(b, t, -1)[:, -1], self.model.lm_head.weight)
             st.cache.length = t
         else:
             raise ValueError(f"prefill mode {mode!r} is not 'fast' or 'reference'")

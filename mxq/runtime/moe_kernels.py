@@ -6,8 +6,8 @@ the device, so a decode step needs no host synchronisation.
 
 * ``router_topk``: router logits (bf16-rounded like ``nn.Linear``), top-k, softmax over the k.
 * decode (GEMV, few tokens): ``gate_up_gemv`` covers every (token, slot) pair and 2*BN interleaved gate/up
-  rows per program, adds the bias and applies the clamped SwiGLU; ``down_gemv`` covers (token, BN rows),
-  loops over the token's k experts, adds the bias, weights by the routing weight, sums and adds the residual.
+  rows per program, adds the bias and applies the clamped SwiGLU; ``down_gemv`` covers (pair, BN rows), adds
+  the bias and weights by the routing weight; the next RMSNorm kernel sums the k slots and adds the residual.
 * prefill (grouped GEMM, many tokens): (token, slot) pairs sorted by expert, tiles of BM pairs of one
   expert, weights dequantized in registers and fed to ``tl.dot``.
 
@@ -25,21 +25,25 @@ from ._common import (INTERPRET, autotune, bf16r, cfg, e8m0_x4, fp4q, launch, mm
 
 
 @triton.jit
-def _router_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, wt_ptr, H, E,
-                   TOPK: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr):
+def _router_logits_kernel(x_ptr, w_ptr, b_ptr, out_ptr, H, E, BK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    offs_e = tl.arange(0, BE)
-    em = offs_e < E
-    acc = tl.zeros([BE, BK], dtype=tl.float32)
+    e = tl.program_id(1)
+    acc = tl.zeros([BK], dtype=tl.float32)
     for k0 in range(0, H, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < H
         x = tl.load(x_ptr + t * H + kk, mask=km, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + offs_e[:, None] * H + kk[None, :], mask=em[:, None] & km[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
-    b = tl.load(b_ptr + offs_e, mask=em, other=0.0).to(tl.float32)
-    logit = bf16r(tl.sum(acc, axis=1) + b)                 # nn.Linear(bf16): one rounding of x@W^T + b
-    logit = tl.where(em, logit, float("-inf"))
+        acc += tl.load(w_ptr + e * H + kk, mask=km, other=0.0).to(tl.float32) * x
+    logit = bf16r(tl.sum(acc, axis=0) + tl.load(b_ptr + e).to(tl.float32))   # nn.Linear(bf16): one rounding
+    tl.store(out_ptr + t * E + e, logit)
+
+
+@triton.jit
+def _topk_kernel(lg_ptr, idx_ptr, wt_ptr, E, TOPK: tl.constexpr, BE: tl.constexpr, KP: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs_e = tl.arange(0, BE)
+    em = offs_e < E
+    logit = tl.load(lg_ptr + t * E + offs_e, mask=em, other=float("-inf"))
     offs_k = tl.arange(0, KP)
     vals = tl.full([KP], float("-inf"), tl.float32)
     ids = tl.zeros([KP], dtype=tl.int32)
@@ -58,13 +62,17 @@ def _router_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, wt_ptr, H, E,
 
 
 def router_topk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, H] bf16, router weight [E, H], bias [E] -> (idx [N, k] int32, weights [N, k] fp32)."""
+    """x [N, H] bf16, router weight [E, H], bias [E] -> (idx [N, k] int32, weights [N, k] fp32).
+
+    Two launches: the logits (one program per (token, expert)), then top-k (ties: lowest expert id first)
+    and the softmax over the k."""
     n, h = x.shape
     e = w.shape[0]
+    logits = torch.empty(n, e, dtype=torch.float32, device=x.device)
+    _router_logits_kernel[(n, e)](x, w, b, logits, h, e, BK=1024, num_warps=4)
     idx = torch.empty(n, top_k, dtype=torch.int32, device=x.device)
     wt = torch.empty(n, top_k, dtype=torch.float32, device=x.device)
-    _router_kernel[(n,)](x, w, b, idx, wt, h, e, TOPK=top_k, BE=next_pow2(e), BK=128 if e <= 64 else 32,
-                         KP=next_pow2(top_k), num_warps=4)
+    _topk_kernel[(n,)](logits, idx, wt, e, TOPK=top_k, BE=next_pow2(e), KP=next_pow2(top_k), num_warps=1)
     return idx, wt
 
 
@@ -73,16 +81,19 @@ def router_topk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, top_k: int) -
 
 @triton.jit
 def _rows_dot_fp4(x_row, blk, scl, rows, rmask, G, s_row, s_srow, R: tl.constexpr, BG: tl.constexpr):
-    """acc[r] = sum_k x[k] * W[rows[r], k] for one MXFP4 expert (``blk``/``scl`` point at the expert)."""
+    """acc[r] = sum_k x[k] * W[rows[r], k] for one MXFP4 expert (``blk``/``scl`` point at the expert).
+
+    ``x_row``: fp32, each 32-block stored even elements first, then odd ones (``xperm``), so that both
+    halves load as contiguous vectors."""
     offs_g = tl.arange(0, BG)
     offs_b = tl.arange(0, 16)
     acc = tl.zeros([R, BG], dtype=tl.float32)
     for g0 in range(0, G, BG):
         gg = g0 + offs_g
         gm = gg < G
-        xp = x_row + gg[:, None] * 32 + offs_b[None, :] * 2
-        xe = tl.load(xp, mask=gm[:, None], other=0.0).to(tl.float32)       # elements 2j   [BG, 16]
-        xo = tl.load(xp + 1, mask=gm[:, None], other=0.0).to(tl.float32)   # elements 2j+1
+        xp = x_row + gg[:, None] * 32 + offs_b[None, :]                     # x in fp32, per 32-block
+        xe = tl.load(xp, mask=gm[:, None], other=0.0)                       # elements 2j   [BG, 16]
+        xo = tl.load(xp + 16, mask=gm[:, None], other=0.0)                  # elements 2j+1
         m2 = rmask[:, None] & gm[None, :]
         b = tl.load(blk + rows[:, None, None] * s_row + gg[None, :, None] * 16 + offs_b[None, None, :],
                     mask=m2[:, :, None], other=0).to(tl.int32)                # [R, BG, 16]
@@ -105,14 +116,21 @@ def _rows_dot_bf16(x_row, w, rows, rmask, K, s_row, R: tl.constexpr, BK: tl.cons
 
 
 _GEMV_CONFIGS = [cfg(4, 2, BN=8, BG=8), cfg(2, 2, BN=4, BG=8), cfg(4, 2, BN=16, BG=4), cfg(4, 2, BN=8, BG=4),
-                 cfg(8, 2, BN=16, BG=8), cfg(8, 2, BN=32, BG=4)]
+                 cfg(8, 2, BN=16, BG=8), cfg(2, 2, BN=2, BG=8), cfg(4, 2, BN=4, BG=16)]
+
+
+@triton.jit
+def xperm(offs):
+    """Position of element ``offs`` in the MXFP4 kernels' x layout: per 32-block, evens then odds."""
+    return (offs // 32) * 32 + (offs % 2) * 16 + (offs % 32) // 2
 
 
 @autotune(_GEMV_CONFIGS, key=["P", "I", "K", "FP4"])
 @triton.jit
 def _gate_up_gemv_kernel(x_ptr, idx_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, P, K, I, G,
                          s_e, s_row, s_se, s_srow, alpha, limit,
-                         TOPK: tl.constexpr, FP4: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr):
+                         TOPK: tl.constexpr, FP4: tl.constexpr, YPERM: tl.constexpr, BN: tl.constexpr,
+                         BG: tl.constexpr):
     p = tl.program_id(0)
     nb = tl.program_id(1)
     t = (p // TOPK).to(tl.int64)
@@ -127,34 +145,33 @@ def _gate_up_gemv_kernel(x_ptr, idx_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, P, K, I,
     bias = tl.load(bias_ptr + e * (2 * I) + rows, mask=rm, other=0.0).to(tl.float32)
     a = bf16r(bf16r(acc) + bias)
     a_g, a_u = tl.split(tl.reshape(a, (BN, 2)))
-    y = swiglu(a_g, a_u, alpha, limit)
+    y = bf16r(swiglu(a_g, a_u, alpha, limit))          # the reference's y is bf16; kept in fp32 for down
     offs = nb * BN + tl.arange(0, BN)
-    tl.store(y_ptr + p.to(tl.int64) * I + offs, y.to(tl.bfloat16), mask=offs < I)
+    if YPERM:
+        dst = xperm(offs)
+    else:
+        dst = offs
+    tl.store(y_ptr + p.to(tl.int64) * I + dst, y, mask=offs < I)
 
 
-@autotune(_GEMV_CONFIGS, key=["N", "H", "K", "FP4"])
+@autotune(_GEMV_CONFIGS, key=["P", "H", "K", "FP4"])
 @triton.jit
-def _down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, w_ptr, s_ptr, bias_ptr, res_ptr, out_ptr, N, K, H, G,
+def _down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, w_ptr, s_ptr, bias_ptr, z_ptr, P, K, H, G,
                       s_e, s_row, s_se, s_srow,
-                      TOPK: tl.constexpr, FP4: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+                      FP4: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64)                  # (token, slot) pair
     hb = tl.program_id(1)
     rows = hb * BN + tl.arange(0, BN)
     rm = rows < H
-    total = tl.zeros([BN], dtype=tl.float32)
-    for j in tl.static_range(TOPK):
-        p = t * TOPK + j
-        e = tl.load(idx_ptr + p).to(tl.int64)
-        gw = tl.load(wt_ptr + p)
-        y_row = y_ptr + p * K
-        if FP4:
-            acc = _rows_dot_fp4(y_row, w_ptr + e * s_e, s_ptr + e * s_se, rows, rm, G, s_row, s_srow, BN, BG)
-        else:
-            acc = _rows_dot_bf16(y_row, w_ptr + e * s_e, rows, rm, K, s_row, BN, BG * 32)
-        bias = tl.load(bias_ptr + e * H + rows, mask=rm, other=0.0).to(tl.float32)
-        total += gw * bf16r(bf16r(acc) + bias)
-    r = tl.load(res_ptr + t * H + rows, mask=rm, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * H + rows, (r + bf16r(total)).to(tl.bfloat16), mask=rm)
+    e = tl.load(idx_ptr + p).to(tl.int64)
+    gw = tl.load(wt_ptr + p)
+    y_row = y_ptr + p * K
+    if FP4:
+        acc = _rows_dot_fp4(y_row, w_ptr + e * s_e, s_ptr + e * s_se, rows, rm, G, s_row, s_srow, BN, BG)
+    else:
+        acc = _rows_dot_bf16(y_row, w_ptr + e * s_e, rows, rm, K, s_row, BN, BG * 32)
+    bias = tl.load(bias_ptr + e * H + rows, mask=rm, other=0.0).to(tl.float32)
+    tl.store(z_ptr + p * H + rows, gw * bf16r(bf16r(acc) + bias), mask=rm)
 
 
 class ExpertWeights:
@@ -178,28 +195,30 @@ class ExpertWeights:
         self.groups = in_features // 32
 
 
-def gate_up_gemv(x: torch.Tensor, idx: torch.Tensor, gu: ExpertWeights, bias: torch.Tensor, alpha: float,
-                 limit: float) -> torch.Tensor:
-    """x [N, H] bf16, idx [N, k] int32 -> y [N*k, I] bf16 (SwiGLU of gate_up + bias), pair p = t*k + j."""
+def gate_up_gemv(xs: torch.Tensor, idx: torch.Tensor, gu: ExpertWeights, bias: torch.Tensor, alpha: float,
+                 limit: float, yperm: bool) -> torch.Tensor:
+    """xs [N, H] fp32 (``xperm`` order when ``gu`` is MXFP4), idx [N, k] int32 -> y [N*k, I] fp32 holding the
+    bf16 SwiGLU of gate_up + bias (``xperm`` order when ``yperm``), pair p = t*k + j."""
     n, k = idx.shape
     i = gu.out_f // 2
-    y = torch.empty(n * k, i, dtype=torch.bfloat16, device=x.device)
+    y = torch.empty(n * k, i, dtype=torch.float32, device=xs.device)
     launch(_gate_up_gemv_kernel, lambda m: (n * k, triton.cdiv(i, m["BN"])),
-           x, idx, gu.w, gu.s, bias, y, n * k, gu.in_f, i, gu.groups, gu.s_e, gu.s_row, gu.s_se, gu.s_srow,
-           float(alpha), float(limit), TOPK=k, FP4=gu.fp4)
+           xs, idx, gu.w, gu.s, bias, y, n * k, gu.in_f, i, gu.groups, gu.s_e, gu.s_row, gu.s_se, gu.s_srow,
+           float(alpha), float(limit), TOPK=k, FP4=gu.fp4, YPERM=yperm)
     return y
 
 
-def down_gemv(y: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, dn: ExpertWeights, bias: torch.Tensor,
-              residual: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y [N*k, I], idx [N, k], wt [N, k] fp32, residual [N, H] -> residual + sum_j wt * (y W_down^T + b) [N, H]."""
+def down_gemv(y: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, dn: ExpertWeights,
+              bias: torch.Tensor) -> torch.Tensor:
+    """y [N*k, I] fp32 (from ``gate_up_gemv``), idx/wt [N, k] -> z [N, k, H] fp32 = wt * bf16(y W_down^T + b);
+    the sum over k and the residual add happen in the next RMSNorm (``rmsnorm(..., moe=z)``)."""
     n, k = idx.shape
     h = dn.out_f
-    out = torch.empty_like(residual) if out is None else out
-    launch(_down_gemv_kernel, lambda m: (n, triton.cdiv(h, m["BN"])),
-           y, idx, wt, dn.w, dn.s, bias, residual, out, n, dn.in_f, h, dn.groups, dn.s_e, dn.s_row, dn.s_se,
-           dn.s_srow, TOPK=k, FP4=dn.fp4)
-    return out
+    z = torch.empty(n, k, h, dtype=torch.float32, device=y.device)
+    launch(_down_gemv_kernel, lambda m: (n * k, triton.cdiv(h, m["BN"])),
+           y, idx, wt, dn.w, dn.s, bias, z, n * k, dn.in_f, h, dn.groups, dn.s_e, dn.s_row, dn.s_se, dn.s_srow,
+           FP4=dn.fp4)
+    return z
 
 
 # ----------------------------------------------------------------------------------------------- prefill grouped GEMM
@@ -324,7 +343,7 @@ def expert_tiles(idx: torch.Tensor, num_experts: int, bm: int = GROUP_BM):
 
 def moe_grouped(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gu: ExpertWeights, gu_bias: torch.Tensor,
                 dn: ExpertWeights, dn_bias: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """Prefill MoE: x [N, H] bf16 -> sum_j wt * f_{e_j}(x) [N, H] bf16 (without the residual)."""
+    """Prefill MoE: x [N, H] bf16 -> z [N, k, H] fp32 = wt_j * f_{e_j}(x) (summed by the next RMSNorm)."""
     n, k = idx.shape
     p = n * k
     i, h = gu.out_f // 2, dn.out_f
@@ -339,4 +358,20 @@ def moe_grouped(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gu: Expert
     launch(_down_grouped_kernel, lambda m: (tmax, triton.cdiv(h, m["BN"])),
            y, order, wt.reshape(-1), te, ts, tn, dn.w, dn.s, dn_bias, z, p, dn.in_f, h, dn.s_e, dn.s_row,
            dn.s_se, dn.s_srow, FP4=dn.fp4, BM=GROUP_BM, DOT_F32=INTERPRET)
-    return z.view(n, k, h).sum(1).to(torch.bfloat16)
+    return z.view(n, k, h)
+
+
+def xperm_index(n: int, device=None) -> torch.Tensor:
+    """perm[i] = position of element i in the MXFP4 GEMV's x layout (per 32-block: evens, then odds)."""
+    i = torch.arange(n, device=device)
+    return (i // 32) * 32 + (i % 2) * 16 + (i % 32) // 2
+
+
+def kernel_x(x: torch.Tensor, fp4: bool) -> torch.Tensor:
+    """x [N, K] -> the fp32 input ``gate_up_gemv`` expects (what ``rmsnorm(..., hs=...)`` writes)."""
+    xs = x.float()
+    if not fp4:
+        return xs.contiguous()
+    out = torch.empty_like(xs)
+    out[:, xperm_index(x.shape[1], x.device)] = xs
+    return out
