@@ -211,8 +211,66 @@ def ckpt_20b(tmp_path_factory):
     return get
 
 
+def _record_fast_routing(model, ids, forced):
+    """Router choices of the fast path per position and layer: the same kernels run without a graph while
+    ``router_topk`` is wrapped to keep its output. Returns (logits [steps+1, V], sets [steps+1][layers])."""
+    from mxq.runtime import engine
+    from mxq.runtime.engine import Runtime
+
+    rt = Runtime(model, use_graph=False)
+    seen: list[list[int]] = []
+    inner = engine.router_topk
+
+    def recording(x, w, b, k):
+        idx, wt = inner(x, w, b, k)
+        seen.append(idx[-1].sort().values.tolist())              # the last token's experts
+        return idx, wt
+
+    engine.router_topk = recording
+    try:
+        st = rt.new_state(1, 512)
+        logits = [rt.prefill(st, ids).float()[0]]
+        for i in range(forced.numel()):
+            logits.append(rt.step(st, forced[i:i + 1]).float()[0].clone())
+    finally:
+        engine.router_topk = inner
+    nl = len(model.layers)
+    return torch.stack(logits), [seen[j * nl:(j + 1) * nl] for j in range(len(logits))]
+
+
+def _record_reference_routing(model, allids, first: int):
+    """Reference logits and expert sets per layer for positions first..end, plus the router margin (4th minus
+    5th logit) of each decision."""
+    sets, margins, saved = [], [], []
+    for lyr in model.layers:
+        mlp = lyr.mlp
+        saved.append(mlp.route)
+
+        def route(x, mlp=mlp, inner=mlp.route):
+            logits, idx, w = inner(x)
+            top = logits.topk(mlp.top_k + 1, dim=-1).values
+            sets.append(idx[first:].sort(-1).values.tolist())
+            margins.append((top[first:, -2] - top[first:, -1]).tolist())
+            return logits, idx, w
+        mlp.route = route
+    try:
+        with torch.no_grad():
+            logits = model(allids).logits[0, first:].float()
+    finally:
+        for lyr, r in zip(model.layers, saved):
+            lyr.mlp.route = r
+    per_pos = [[sets[l][p] for l in range(len(sets))] for p in range(logits.shape[0])]
+    margin = [[margins[l][p] for l in range(len(sets))] for p in range(logits.shape[0])]
+    return logits, per_pos, margin
+
+
 @pytest.mark.parametrize("experts", ["mxfp4", "bf16"])
 def test_fast_path_matches_reference_model(ckpt_20b, experts):
+    """Whole model, 2 layers at gpt-oss-20b shapes: fast prefill (300 tokens) + 8 graph decode steps vs the
+    reference forward. bf16 rounding differences (~0.2% in the residual stream) can flip a near-tie in the
+    router's top-4, after which that position's logits legitimately differ by several percent; so positions
+    where the fast path chose different experts than the reference are reported and counted, and the
+    numeric bound applies to the others."""
     import mxq
     from mxq.runtime import RUNTIME_PATH, disable, enable, fast_generate
 
@@ -226,36 +284,36 @@ def test_fast_path_matches_reference_model(ckpt_20b, experts):
     assert model.runtime_path == RUNTIME_PATH and rt.use_graph
     st = rt.new_state(1, 512)
     pre = rt.prefill(st, ids).float()
-    fast = [pre[0]] + [rt.step(st, forced[i:i + 1]).float()[0].clone() for i in range(steps)]
-    fast = torch.stack(fast)                             # logits for positions T-1 .. T+steps-1
+    fast = torch.stack([pre[0]] + [rt.step(st, forced[i:i + 1]).float()[0].clone() for i in range(steps)])
+    eager, fast_sets = _record_fast_routing(model, ids, forced)
     allids = torch.cat([ids, forced[None]], 1)
-    with torch.no_grad():
-        ref = model(allids).logits[0, T - 1:T + steps].float()
+    ref, ref_sets, margin = _record_reference_routing(model, allids, T - 1)
     gold_model = mxq.load_model(path, device=DEV, dtype=torch.float32)
     with torch.no_grad():
         gold = gold_model(allids).logits[0, T - 1:T + steps].float()
     del gold_model
-    e_ref, e_gold, e_ref_gold = rel(fast, ref), rel(fast, gold), rel(ref, gold)
+    n = steps + 1
+    err = [rel(fast[i], ref[i]) for i in range(n)]
+    err_gold = [rel(ref[i], gold[i]) for i in range(n)]
+    flipped = [i for i in range(n) if fast_sets[i] != ref_sets[i]]
+    flip_margin = [min(margin[i][l] for l in range(len(ref_sets[i])) if fast_sets[i][l] != ref_sets[i][l])
+                   for i in flipped]
+    same = [i for i in range(n) if i not in flipped]
     top1 = (fast.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    # diagnostics: per position, and the fast decode after the reference prefill (isolates the prefill)
-    st2 = rt.new_state(1, 512)
-    pre2 = rt.prefill(st2, ids, mode="reference").float()
-    fast2 = torch.stack([pre2[0]] + [rt.step(st2, forced[i:i + 1]).float()[0].clone() for i in range(steps)])
-    per_pos = {"fast_vs_bf16_ref": [round(rel(fast[i], ref[i]), 5) for i in range(steps + 1)],
-               "bf16_ref_vs_fp32": [round(rel(ref[i], gold[i]), 5) for i in range(steps + 1)],
-               "fast_decode_after_ref_prefill_vs_bf16_ref": [round(rel(fast2[i], ref[i]), 5)
-                                                             for i in range(steps + 1)]}
-    # greedy generation, graph path vs the reference generate
     out = fast_generate(model, ids, steps)
     disable(model)
     ref_out = model.generate(ids, max_new_tokens=steps)
     a, b = out[0, T:].tolist(), ref_out[0, T:].tolist()
     agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-    report("model", experts=experts, logits_rel_vs_bf16_ref=e_ref, logits_rel_vs_fp32=e_gold,
-           bf16_ref_rel_vs_fp32=e_ref_gold, top1_vs_bf16_ref=top1, greedy_prefix_equal=agree, steps=steps,
-           per_position=per_pos)
-    assert e_ref < 5e-2
-    assert e_gold <= 1.5 * e_ref_gold + 1e-2
+    report("model", experts=experts, per_position_rel_vs_bf16_ref=[round(e, 5) for e in err],
+           bf16_ref_rel_vs_fp32=[round(e, 5) for e in err_gold], routing_flipped_positions=flipped,
+           flip_router_margins=flip_margin, graph_equals_eager=bool(torch.equal(fast, eager)), top1=top1,
+           greedy_prefix_equal=agree, steps=steps)
+    assert torch.equal(fast, eager), "graph replay differs from the same kernels run eagerly"
+    assert len(flipped) <= n // 3, f"routing differs at {flipped}"
+    assert all(m < 0.05 for m in flip_margin), f"flips at non-tied router logits: {flip_margin}"
+    assert max(err[i] for i in same) < 2e-2, err
+    assert max(err[i] for i in same) <= 2 * max(err_gold) + 5e-3
     assert top1 >= 0.85
     assert agree >= 4
 
@@ -328,3 +386,49 @@ def test_mixed_expert_formats_are_refused():
     with pytest.raises(UnsupportedModel):
         stacked_experts(ex, "gate_up")
     stacked_experts(ex, "down")
+
+
+def test_fp4_asm_decode_equals_reference_decode():
+    """The inline-PTX E2M1 decode (prmt byte tables) against the plain-Triton one, bit for bit, on every nibble
+    value at every position of a word (and random words), and against mxq.formats' own dequantization."""
+    import triton
+    import triton.language as tl
+
+    from mxq.runtime._common import fp4x8
+
+    @triton.jit
+    def dec(w_ptr, o_ptr, N, ASM: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < N
+        w = tl.load(w_ptr + offs, mask=m, other=0)
+        f = fp4x8(w, ASM)
+        for n in tl.static_range(8):
+            tl.store(o_ptr + offs * 8 + n, f[n], mask=m)
+
+    every = torch.arange(16, dtype=torch.int64, device=DEV)
+    words = [(every << (4 * n)) for n in range(8)]                       # each nibble value at each position
+    g = torch.Generator(device=DEV).manual_seed(5)
+    words.append(torch.randint(0, 2 ** 32, (1 << 16,), device=DEV, generator=g))
+    w = torch.cat(words).to(torch.int64)
+    w = torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)
+    outs = []
+    for asm in (True, False):
+        o = torch.empty(w.numel() * 8, dtype=torch.float32, device=DEV)
+        dec[(triton.cdiv(w.numel(), 256),)](w, o, w.numel(), ASM=asm, BLOCK=256)
+        outs.append(o)
+    assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))
+    e2m1 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0.0, -.5, -1, -1.5, -2, -3, -4, -6], device=DEV)
+    nib = torch.stack([(w.long() >> (4 * n)) & 15 for n in range(8)], 1).reshape(-1)
+    assert torch.equal((outs[0] * 4).view(torch.int32), e2m1[nib].view(torch.int32))
+
+
+def test_argmax_advance_matches_torch():
+    from mxq.runtime.attn_kernels import argmax_advance
+
+    g = torch.Generator(device=DEV).manual_seed(3)
+    lg = torch.randn(3, 201088, device=DEV, generator=g).bfloat16()
+    lg[1, 5000] = lg[1, 170000] = 100.0                                   # a tie: the first index wins
+    seq = torch.zeros(3, 16, dtype=torch.int32, device=DEV)
+    pos = torch.tensor([6], dtype=torch.int32, device=DEV)
+    argmax_advance(lg, seq, pos)
+    assert seq[:, 7].tolist() == lg.argmax(-1).tolist() and pos.item() == 7

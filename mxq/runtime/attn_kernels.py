@@ -268,3 +268,46 @@ def advance(nxt: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> None:
     """seq[b, pos + 1] = nxt[b]; pos += 1 (one program, so the read of pos precedes its write)."""
     bsz, s = seq.shape
     _advance_kernel[(1,)](nxt, seq, pos, bsz, s, BB=next_pow2(max(bsz, 2)), num_warps=1)
+
+
+# ----------------------------------------------------------------------------------------------- greedy pick
+
+ARGMAX_BLOCK = 4096
+
+
+@triton.jit
+def _argmax_part_kernel(lg_ptr, pv_ptr, pi_ptr, V, NB, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    offs = j * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(lg_ptr + b * V + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    m = tl.max(v, axis=0)
+    i = tl.min(tl.where(v == m, offs, 2147483647), axis=0)       # first index of the maximum, like torch
+    tl.store(pv_ptr + b * NB + j, m)
+    tl.store(pi_ptr + b * NB + j, i)
+
+
+@triton.jit
+def _argmax_advance_kernel(pv_ptr, pi_ptr, seq_ptr, pos_ptr, B, NB, S, NBP: tl.constexpr):
+    pos = tl.load(pos_ptr)
+    o = tl.arange(0, NBP)
+    om = o < NB
+    for b in range(B):
+        v = tl.load(pv_ptr + b * NB + o, mask=om, other=float("-inf"))
+        i = tl.load(pi_ptr + b * NB + o, mask=om, other=2147483647)
+        m = tl.max(v, axis=0)
+        nxt = tl.min(tl.where(v == m, i, 2147483647), axis=0)
+        tl.store(seq_ptr + S.to(tl.int64) * b + pos + 1, nxt, mask=pos + 1 < S)
+    tl.store(pos_ptr, pos + 1)
+
+
+def argmax_advance(logits: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> None:
+    """Greedy step on the device: seq[b, pos + 1] = argmax(logits[b]) (first maximum, as torch.argmax), then
+    pos += 1. Two launches: per-block maxima over the vocabulary (201,088 logits: 50 blocks a row, where
+    torch.argmax ran one 16 us kernel), then one program that reduces them for every row and moves pos."""
+    bsz, v = logits.shape
+    nb = triton.cdiv(v, ARGMAX_BLOCK)
+    pv = torch.empty(bsz, nb, dtype=torch.float32, device=logits.device)
+    pi = torch.empty(bsz, nb, dtype=torch.int32, device=logits.device)
+    _argmax_part_kernel[(bsz, nb)](logits, pv, pi, v, nb, BLOCK=ARGMAX_BLOCK, num_warps=8)
+    _argmax_advance_kernel[(1,)](pv, pi, seq, pos, bsz, nb, seq.shape[1], NBP=next_pow2(nb), num_warps=2)

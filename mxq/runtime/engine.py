@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import INTERPRET, require_triton
-from .attn_kernels import advance, embed_at, rmsnorm, rope_cache, sink_attention
+from .attn_kernels import argmax_advance, embed_at, rmsnorm, rope_cache, sink_attention
 from .linear_kernels import linear_gemv
 from .moe_kernels import ExpertWeights, down_gemv, gate_up_gemv, moe_grouped, router_topk
 
@@ -162,7 +162,7 @@ class Runtime:
     def _decode_body(self, st: DecodeState) -> Tensor:
         x = embed_at(st.seq, st.pos, self.model.embed_tokens.weight)
         logits = F.linear(self._layers(x, 1, st, decode=True), self.model.lm_head.weight)   # [B, V]
-        advance(torch.argmax(logits, dim=-1), st.seq, st.pos)
+        argmax_advance(logits, st.seq, st.pos)
         return logits
 
     # ------------------------------------------------------------------------------------------- state

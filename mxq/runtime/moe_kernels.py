@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (INTERPRET, autotune, bf16r, cfg, e8m0_x4, fp4q, launch, mma, next_pow2, swiglu, tl,
+from ._common import (INTERPRET, autotune, bf16r, cfg, e8m0_x4, FP4_ASM, fp4q, fp4x8, launch, mma, next_pow2, swiglu, tl,
                       triton)
 
 # ----------------------------------------------------------------------------------------------- router
@@ -83,23 +83,28 @@ def router_topk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, top_k: int) -
 def _rows_dot_fp4(x_row, blk, scl, rows, rmask, G, s_row, s_srow, R: tl.constexpr, BG: tl.constexpr):
     """acc[r] = sum_k x[k] * W[rows[r], k] for one MXFP4 expert (``blk``/``scl`` point at the expert).
 
-    ``x_row``: fp32, each 32-block stored even elements first, then odd ones (``xperm``), so that both
-    halves load as contiguous vectors."""
+    ``x_row``: fp32, each 32-block stored even elements first, then odd ones (``xperm``). The 16 bytes of a
+    block are read as 4 int32 words; nibble 2i / 2i+1 of word w is element 2(4w+i) / 2(4w+i)+1 of the block,
+    i.e. xperm position 4w+i / 16+4w+i."""
     offs_g = tl.arange(0, BG)
-    offs_b = tl.arange(0, 16)
+    offs_w = tl.arange(0, 4)
+    blk32 = blk.to(tl.pointer_type(tl.int32))
     acc = tl.zeros([R, BG], dtype=tl.float32)
     for g0 in range(0, G, BG):
         gg = g0 + offs_g
         gm = gg < G
-        xp = x_row + gg[:, None] * 32 + offs_b[None, :]                     # x in fp32, per 32-block
-        xe = tl.load(xp, mask=gm[:, None], other=0.0)                       # elements 2j   [BG, 16]
-        xo = tl.load(xp + 16, mask=gm[:, None], other=0.0)                  # elements 2j+1
+        xb = x_row + gg[:, None] * 32 + offs_w[None, :] * 4                  # [BG, 4]: xperm index 4w
+        xm = gm[:, None]
         m2 = rmask[:, None] & gm[None, :]
-        b = tl.load(blk + rows[:, None, None] * s_row + gg[None, :, None] * 16 + offs_b[None, None, :],
-                    mask=m2[:, :, None], other=0).to(tl.int32)                # [R, BG, 16]
+        wd = tl.load(blk32 + rows[:, None, None] * (s_row // 4) + gg[None, :, None] * 4 + offs_w[None, None, :],
+                     mask=m2[:, :, None], other=0)                             # [R, BG, 4] int32 words
         s = e8m0_x4(tl.load(scl + rows[:, None] * s_srow + gg[None, :], mask=m2, other=0))
-        part = tl.sum(fp4q(b, 0) * xe[None, :, :] + fp4q(b, 4) * xo[None, :, :], axis=2)
-        acc += part * s
+        f0, f1, f2, f3, f4, f5, f6, f7 = fp4x8(wd, FP4_ASM)
+        part = f0 * tl.load(xb, mask=xm, other=0.0)[None] + f1 * tl.load(xb + 16, mask=xm, other=0.0)[None]
+        part += f2 * tl.load(xb + 1, mask=xm, other=0.0)[None] + f3 * tl.load(xb + 17, mask=xm, other=0.0)[None]
+        part += f4 * tl.load(xb + 2, mask=xm, other=0.0)[None] + f5 * tl.load(xb + 18, mask=xm, other=0.0)[None]
+        part += f6 * tl.load(xb + 3, mask=xm, other=0.0)[None] + f7 * tl.load(xb + 19, mask=xm, other=0.0)[None]
+        acc += tl.sum(part, axis=2) * s
     return tl.sum(acc, axis=1)
 
 
