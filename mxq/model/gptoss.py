@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import GptOssConfig
-from .attention import RMSNorm, SinkAttention
+from .attention import AttentionMasks, RMSNorm, SinkAttention
 from .cache import KVCache
 from .experts import DenseExperts, PackedExperts
 from .moe import MoE
@@ -37,9 +37,9 @@ class DecoderLayer(nn.Module):
                       cfg.swiglu_limit)
         self.mlp = MoE(layer, cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok, experts)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, valid: Tensor, k_valid: Tensor, q_index: Tensor,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, valid: Tensor, masks: AttentionMasks,
                 cache: KVCache | None) -> tuple[Tensor, Tensor]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_valid, q_index, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache)
         moe_out, logits = self.mlp(self.post_attention_layernorm(x), valid)
         return x + moe_out, logits
 
@@ -99,11 +99,12 @@ class GptOssForCausalLM(nn.Module):
         else:
             k_valid = valid
         q_index = torch.arange(past, past + t, device=dev)                                    # [T]
+        masks = AttentionMasks(q_index, k_valid, dense=True if attention_mask is None and cache is None else None)
         x = self.embed_tokens(input_ids)                                                     # [B, T, H]
         cos, sin = self.rope(position_ids, x.dtype)
         all_logits = []
         for layer in self.layers:
-            x, rl = layer(x, cos, sin, valid, k_valid, q_index, cache)
+            x, rl = layer(x, cos, sin, valid, masks, cache)
             if output_router_logits:
                 all_logits.append(rl)
         if cache is not None:
