@@ -2,6 +2,7 @@
 
 Reference: for each expert in ascending order, its tokens found by a boolean scan of the top-k ids
 (ascending token order), ``expert_forward`` on them, then ``out[tok] += f_e(x) * g_e(x)`` in fp32.
+Also: collecting statistics never runs ``lm_head`` (``model(..., logits=False)``).
 """
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 import mxq
+from mxq.calib import CalibSet
 from mxq.model import observe
+from mxq.stats import collect
 
 
 class Recorder:
@@ -58,3 +61,16 @@ def test_moe_matches_reference_loop_bitwise(make_ckpt, dtype):
     for (layer, e, tok, gw, y), (e2, tok2, gw2, y2) in zip(rec.expert, calls):
         assert layer == 1 and e == e2 and torch.equal(tok, tok2) and torch.equal(gw, gw2) and torch.equal(y, y2)
 
+
+def test_collect_never_runs_lm_head(make_ckpt):
+    model = mxq.load_model(make_ckpt("mxfp4"), dtype=torch.float32)
+    calls = []
+    handle = model.lm_head.register_forward_pre_hook(lambda *a: calls.append(1))
+    ids = torch.randint(2, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    try:
+        stats = collect(model, CalibSet(ids, torch.ones_like(ids), ["a", "b"], "t"), batch_size=2, progress=False)
+    finally:
+        handle.remove()
+    assert calls == [] and stats.tokens == 32
+    with torch.no_grad():
+        assert model(ids, logits=False).logits is None

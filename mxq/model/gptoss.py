@@ -21,7 +21,7 @@ from .rope import Rope
 
 @dataclass
 class CausalLMOutput:
-    logits: Tensor                              # [B, T, V]
+    logits: Tensor | None                       # [B, T, V]; None when called with logits=False
     cache: KVCache | None = None
     router_logits: tuple[Tensor, ...] | None = None   # per layer [N, E] fp32 (output_router_logits=True)
 
@@ -85,7 +85,11 @@ class GptOssForCausalLM(nn.Module):
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_len, self.dtype, self.device)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                position_ids: Tensor | None = None, output_router_logits: bool = False) -> CausalLMOutput:
+                position_ids: Tensor | None = None, output_router_logits: bool = False,
+                logits: bool = True) -> CausalLMOutput:
+        """``logits=False`` stops after the last layer (no final norm, no ``lm_head``): router statistics
+        need only the MoE layers, and the logits of a gpt-oss calibration batch (32,768 tokens x 201,088
+        vocabulary) would be 13 GB of bf16 computed for nothing."""
         b, t = input_ids.shape
         dev = input_ids.device
         valid = torch.ones(b, t, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
@@ -109,8 +113,8 @@ class GptOssForCausalLM(nn.Module):
                 all_logits.append(rl)
         if cache is not None:
             cache.advance(valid)
-        logits = self.lm_head(self.norm(x))
-        return CausalLMOutput(logits, cache, tuple(all_logits) if output_router_logits else None)
+        out = self.lm_head(self.norm(x)) if logits else None                                 # [B, T, V]
+        return CausalLMOutput(out, cache, tuple(all_logits) if output_router_logits else None)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, attention_mask: Tensor | None = None,

@@ -75,8 +75,12 @@ def state_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def stats_key(model_digest: str, calib_digest: str, dtype: torch.dtype, device: torch.device, version: int) -> str:
-    """Cache key: same model bytes, same tokens, same numerics (bf16 on GPU differs from fp32 on CPU)."""
+def stats_key(model_digest: str, calib_digest: str, dtype: torch.dtype, device: torch.device, version: int,
+              attention: str = "eager") -> str:
+    """Cache key: same model bytes, same tokens, same numerics (bf16 on GPU differs from fp32 on CPU, and
+    SDPA attention rounds differently from the eager one). ``attention`` enters the key only when it is
+    not "eager", so entries written before it existed (all eager) keep their keys."""
     h = xxhash.xxh3_128()
-    h.update(json.dumps([model_digest, calib_digest, str(dtype), device.type, version]).encode())
+    parts = [model_digest, calib_digest, str(dtype), device.type, version]
+    h.update(json.dumps(parts if attention == "eager" else [*parts, attention]).encode())
     return h.hexdigest()

@@ -1,9 +1,8 @@
 """Running calibration text through the model: ``collect`` and the cached entry ``collect_or_load``.
 
-The forward pass stops before ``lm_head``: router statistics need only the MoE layers, and the logits of
-a gpt-oss batch are large (16k tokens x 201,088 vocabulary in bf16 is 6.6 GB), so computing them would
-cost memory and time for nothing. The stop is a pre-hook on ``lm_head`` that raises, the same
-early-exit device calibration pipelines (llm-compressor) use.
+The forward pass stops before ``lm_head`` (``model(..., logits=False)``): router statistics need only the
+MoE layers, and the logits of a gpt-oss batch are large (32k tokens x 201,088 vocabulary in bf16 is
+13 GB), so computing them would cost memory and time for nothing.
 """
 from __future__ import annotations
 
@@ -12,42 +11,20 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ..calib import CalibSet, build_calibration
 from ..model import observe
+from ..model.attention import inference_attention_impl
 from .cache import model_hash, state_hash, stats_key
 from .observer import RouterObserver
 from .router_stats import VERSION, RouterStats
 
 log = logging.getLogger("mxq.stats")
-
-
-class _StopForward(Exception):
-    pass
-
-
-@contextmanager
-def skip_lm_head(model: torch.nn.Module) -> Iterator[None]:
-    """Abort the forward pass when it reaches ``lm_head`` (catch ``_StopForward`` around the call)."""
-    head = getattr(model, "lm_head", None)
-    if head is None:
-        yield
-        return
-
-    def stop(*_: Any) -> None:
-        raise _StopForward
-
-    handle = head.register_forward_pre_hook(stop)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def model_digest(model: torch.nn.Module, cache_dir: Path | None = None) -> str:
@@ -69,18 +46,16 @@ def collect(model: torch.nn.Module, calib: CalibSet, batch_size: int = 8, super_
                          len(domains), dev)
     n_batches = -(-calib.input_ids.shape[0] // batch_size)
     t0 = time.perf_counter()
-    with observe(model, obs), skip_lm_head(model):
+    with observe(model, obs):
         for ids, mask, dom in tqdm(calib.batches(batch_size), total=n_batches, desc="router stats",
                                    unit="batch", disable=not progress):
             obs.begin_batch(dom, ids.shape[1], mask)
-            try:
-                model(ids.to(dev), attention_mask=mask.to(dev))
-            except _StopForward:
-                pass
+            model(ids.to(dev), attention_mask=mask.to(dev), logits=False)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
-    meta = {"dtype": str(model.dtype).removeprefix("torch."), "device": str(dev), "batch_size": batch_size,
+    meta = {"dtype": str(model.dtype).removeprefix("torch."), "device": str(dev),
+            "attention": inference_attention_impl(model), "batch_size": batch_size,
             "seconds": round(seconds, 3), "tokens_per_s": round(calib.num_tokens / max(seconds, 1e-9), 1)}
     return RouterStats.from_observer(obs, domains, super_cfg, calib_config=calib.config,
                                      calib_hash=calib.config_hash, meta=meta)
@@ -109,7 +84,7 @@ def collect_or_load(model: torch.nn.Module, tokenizer: Any, calib_cfg: Any, run_
     run_dir, cache_dir = Path(run_dir), Path(cache_dir).expanduser()
     calib = build_calibration(calib_cfg, tokenizer)
     mdig = model_digest(model, cache_dir)
-    key = stats_key(mdig, calib.config_hash, model.dtype, model.device, VERSION)
+    key = stats_key(mdig, calib.config_hash, model.dtype, model.device, VERSION, inference_attention_impl(model))
     entry = cache_dir / "router_stats" / key
     if (entry / "router_stats.json").is_file():
         log.info("router statistics: cache hit %s (%d tokens)", entry, calib.num_tokens)
