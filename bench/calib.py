@@ -1,13 +1,17 @@
 """Issue 4 benchmark: router-statistics collection throughput and memory at full model scale.
 
-    python bench/calib.py --preset gpt-oss-20b --device cuda --work /tmp/ck20 --tokens 131072 \
-        --seq-len 512 --batch-size 16 --json $OUT/calib.json
-    python bench/calib.py --preset tiny --tokens 16384 --seq-len 256 --batch-size 8     # CPU
+    python bench/calib.py --preset gpt-oss-20b --device cuda --synth-device cuda --work /tmp/ck20 \
+        --tokens 131072 --seq-len 512 --batch-size 64 --eager-baseline \
+        --json $OUT/calib_h100.json --markdown $OUT/calib_h100.md
+    python bench/calib.py --preset tiny --tokens 16384 --seq-len 256 --batch-size 8 --threads 1     # CPU
 
 Generates a synthetic checkpoint (``mxq.synth``; reused when ``--work`` already holds one) or takes
 ``--model DIR``, builds a corpus calibration set of ``--tokens`` tokens with the model's tokenizer, then
-times two passes over it after one warm-up batch: the forward pass alone (stopped before lm_head, as
-collection does) and ``mxq.stats.collect`` with every statistic on. Prints a markdown table and JSON.
+times two passes over it after one warm-up batch: the forward pass alone (``logits=False``, as collection
+runs it) and ``mxq.stats.collect`` with every statistic on. ``--attn`` picks the attention implementation
+(``auto`` = SDPA on CUDA, eager on CPU); ``--eager-baseline`` also times the forward pass with eager
+attention for a before/after figure in the same run. On CUDA it records which SDPA backends accept the
+sink-attention call. Prints a markdown table and JSON.
 Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; sampled process RSS (psutil) on CPU.
 """
 from __future__ import annotations
@@ -51,19 +55,46 @@ def checkpoint(a: argparse.Namespace) -> tuple[Path, float]:
 @torch.inference_mode()
 def forward_only(model: torch.nn.Module, calib, batch_size: int) -> float:
     """Seconds for the bare forward passes (no observer), stopped before lm_head like collection."""
-    from mxq.stats.collect import _StopForward, skip_lm_head
-
     dev = model.device
     sync(dev)
     t0 = time.perf_counter()
-    with skip_lm_head(model):
-        for ids, mask, _ in calib.batches(batch_size):
-            try:
-                model(ids.to(dev), attention_mask=mask.to(dev))
-            except _StopForward:
-                pass
+    for ids, mask, _ in calib.batches(batch_size):
+        model(ids.to(dev), attention_mask=mask.to(dev), logits=False)
     sync(dev)
     return time.perf_counter() - t0
+
+
+def sdpa_backends(model: torch.nn.Module, seq_len: int) -> dict[str, str]:
+    """Which CUDA SDPA backends accept this model's sink-attention call (one sequence, sliding window):
+    "ok", or why not (torch's warning). The default dispatch takes the first eligible in torch's order."""
+    import warnings
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from mxq.model.attention import attention_mask, sdpa_sink_attention
+
+    c, dev, dt = model.config, model.device, model.dtype
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(1, c.num_attention_heads, seq_len, c.head_dim, device=dev, dtype=dt, generator=g)
+    k, v = (torch.randn(1, c.num_key_value_heads, seq_len, c.head_dim, device=dev, dtype=dt, generator=g)
+            for _ in range(2))
+    allowed = attention_mask(torch.arange(seq_len, device=dev), torch.ones(1, seq_len, dtype=torch.bool, device=dev),
+                             c.sliding_window)
+    out = {}
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with sdpa_kernel(backend), torch.inference_mode():
+                    o = sdpa_sink_attention(q, k, v, model.layers[0].self_attn.sinks, c.head_dim ** -0.5, allowed)
+                sync(dev)
+                out[name.lower()] = "ok" if bool(torch.isfinite(o).all()) else "non-finite output"
+            except RuntimeError:
+                out[name.lower()] = "; ".join(str(w.message) for w in caught)[:300] or "not available"
+    return out
 
 
 def measure(fn, dev: torch.device) -> tuple[float, int]:
@@ -96,13 +127,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiny-tokenizer", action="store_true",
                     help="synthesise with the tiny tokenizer (for hosts without bpe-openai; routing text differs)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--attn", default="auto", choices=("auto", "eager", "sdpa"),
+                    help="attention implementation (auto: SDPA on CUDA, eager on CPU)")
+    ap.add_argument("--eager-baseline", action="store_true",
+                    help="also time the forward pass with eager attention (the path before SDPA)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--markdown", type=Path, default=None, help="write the table here too")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
 
     import mxq
     from mxq.calib import build_calibration
+    from mxq.model import set_attention_impl
+    from mxq.model.attention import inference_attention_impl
     from mxq.stats import collect
 
     dev = torch.device(a.device)
@@ -118,6 +156,13 @@ def main(argv: list[str] | None = None) -> dict:
                                "seed": 0}, tok)
     warm = type(calib)(calib.input_ids[:a.batch_size], calib.attention_mask[:a.batch_size],
                        calib.domains[:a.batch_size], "warm-up")
+    base = {}
+    if a.eager_baseline:
+        set_attention_impl(model, "eager")
+        forward_only(model, warm, a.batch_size)                                          # kernels, allocator
+        base["s"], base["peak"] = measure(lambda: forward_only(model, calib, a.batch_size), dev)
+    set_attention_impl(model, a.attn)
+    backends = sdpa_backends(model, a.seq_len) if dev.type == "cuda" else {}
     collect(model, warm, a.batch_size, progress=False)                                  # kernels, allocator
     fwd_s, fwd_peak = measure(lambda: forward_only(model, calib, a.batch_size), dev)
     out: dict = {}
@@ -132,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+        "attention": inference_attention_impl(model), "sdpa_backends": backends,
         "tokens": tokens, "seq_len": a.seq_len, "batch_size": a.batch_size, "domains": len(calib.domain_names),
         "synth_s": round(synth_s, 1), "load_s": round(load_s, 1),
         "forward_s": round(fwd_s, 3), "forward_tokens_per_s": round(tokens / fwd_s, 1),
@@ -139,14 +185,19 @@ def main(argv: list[str] | None = None) -> dict:
         "observer_overhead": round(stats_s / fwd_s - 1.0, 3),
         "peak_memory_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "process RSS (psutil, sampled)",
         "forward_peak_gib": round(fwd_peak / 2**30, 3), "stats_peak_gib": round(stats_peak / 2**30, 3),
+        "eager_forward_s": round(base["s"], 3) if base else None,
+        "eager_forward_tokens_per_s": round(tokens / base["s"], 1) if base else None,
+        "eager_forward_peak_gib": round(base["peak"] / 2**30, 3) if base else None,
         "super_experts": [list(x) for x in stats.super_experts], "uncalibrated": int(stats.uncalibrated.sum()),
         "host_cpus": os.cpu_count(), "host_load_avg_1m": round(os.getloadavg()[0], 2),
     }
-    print(table(res))
+    md = table(res)
+    print(md)
     print(json.dumps(res, indent=2))
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=2) + "\n")
+    for path, text in ((a.json, json.dumps(res, indent=2)), (a.markdown, md)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n")
     return res
 
 
@@ -157,9 +208,14 @@ def table(r: dict) -> str:
         ("device / dtype", f"{r['device']} / {r['dtype']} (torch {r['torch']})"),
         ("calibration", f"{r['tokens']:,} tokens = {r['tokens'] // r['seq_len']} x {r['seq_len']}, "
                         f"{r['domains']} domains, batch {r['batch_size']} sequences"),
+        ("attention", r["attention"] + (f"; SDPA backends: {r['sdpa_backends']}" if r["sdpa_backends"] else "")),
         ("forward only (no observer)", f"{r['forward_tokens_per_s']:,.0f} tokens/s ({r['forward_s']:.2f} s)"),
         ("collection, all statistics", f"{r['stats_tokens_per_s']:,.0f} tokens/s ({r['stats_s']:.2f} s)"),
         ("observer overhead", f"{100 * r['observer_overhead']:.1f}%"),
+        *([("forward only, eager attention (baseline)",
+            f"{r['eager_forward_tokens_per_s']:,.0f} tokens/s ({r['eager_forward_s']:.2f} s), peak "
+            f"{r['eager_forward_peak_gib']:.2f} GiB; speed-up {r['eager_forward_s'] / r['forward_s']:.2f}x")]
+          if r["eager_forward_s"] else []),
         (f"peak memory ({r['peak_memory_kind']})", f"forward {r['forward_peak_gib']:.2f} GiB, "
                                                    f"collection {r['stats_peak_gib']:.2f} GiB"),
         ("super experts / uncalibrated", f"{r['super_experts']} / {r['uncalibrated']}"),
