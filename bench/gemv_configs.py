@@ -99,6 +99,37 @@ def main() -> None:
         finally:
             kern.configs = saved
             kern.cache.clear()
+    from mxq.runtime import linear_kernels as LK
+
+    hq = torch.randn(1, h, device=dev, generator=g).bfloat16()
+    ho = torch.randn(1, 4096, device=dev, generator=g).bfloat16()
+    lin = lambda n, kk: ((torch.randn(n, kk, device=dev, generator=g) * kk ** -0.5).bfloat16(),   # noqa: E731
+                         torch.zeros(n, device=dev, dtype=torch.bfloat16))
+    qkv = [lin(4096, h), lin(512, h), lin(512, h)]
+    wo = [lin(h, 4096)]
+    lgrid = [c for c in itertools.product((2, 4, 8), (2, 3) if not a.quick else (2,), (4, 8, 16, 32),
+                                          (128, 256, 512)) if c[2] * c[3] <= 8192]
+    for name, call, nbytes in (("q_k_v", lambda: LK.linear_gemv(hq, qkv), 2 * h * 5120),
+                               ("o_proj", lambda: LK.linear_gemv(ho, wo), 2 * h * 4096)):
+        results[name] = []
+        kern = LK._gemv3_kernel
+        saved = kern.configs
+        try:
+            for w, st, bn, bk in lgrid:
+                kern.configs = [cfg(w, st, BN=bn, BK=bk)]
+                kern.cache.clear()
+                try:
+                    us = time_us(call)
+                except Exception as err:                      # noqa: BLE001
+                    print(name, w, st, bn, bk, "failed:", type(err).__name__, flush=True)
+                    continue
+                row = {"warps": w, "stages": st, "BN": bn, "BK": bk, "us": round(us, 2),
+                       "TBps": round(nbytes / us / 1e6, 3)}
+                results[name].append(row)
+                print(name, json.dumps(row), flush=True)
+        finally:
+            kern.configs = saved
+            kern.cache.clear()
     best = {n: min(r, key=lambda x: x["us"]) for n, r in results.items() if r}
     print("best", json.dumps(best))
     if a.json:

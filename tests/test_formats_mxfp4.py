@@ -218,3 +218,17 @@ def test_scale_byte_zero_is_the_only_value_exception():
     same = (dequantize_mxfp4(b2, s2) == w).all(dim=-1)                    # [255]
     assert not same[0] and same[1:].all()
     assert finite[:253].all() and not finite[253].all() and not finite[254].all()  # 4 * 2^126 = 2^128
+
+
+def test_bf16_dequantize_path_is_bit_identical_to_fp32_path():
+    """The GPU's bf16 dequantization (bf16 tables, one bf16 multiply) equals fp32 ldexp + cast, bit for bit,
+    on every byte value and every scale byte (0 = subnormal scale, 255 = inf)."""
+    from mxq.formats.mxfp4 import _dequantize_bf16, dequantize_mxfp4
+
+    g = torch.Generator().manual_seed(0)
+    b = torch.randint(0, 256, (256, 8, 16), dtype=torch.uint8, generator=g)
+    b[:, 0] = torch.arange(256, dtype=torch.uint8)[:, None]
+    s = torch.arange(256, dtype=torch.uint8)[:, None].repeat(1, 8)
+    got = _dequantize_bf16(b, s, torch.empty(256, 8 * 32, dtype=torch.bfloat16))
+    ref = dequantize_mxfp4(b, s, torch.float32).to(torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), ref.view(torch.int16))

@@ -109,12 +109,38 @@ def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.
     b = blocks.reshape(-1, g, 16)                                     # [R, G, 16]
     s = scales.reshape(-1, g)                                         # [R, G]
     out = torch.empty(b.shape[0], g * BLOCK, dtype=dtype, device=blocks.device)
+    if dtype == torch.bfloat16 and blocks.is_cuda:                      # (on a CPU bf16 math is slower)
+        return _dequantize_bf16(b, s, out).reshape(*lead, g * BLOCK)
     lut = fp4_byte_lut(blocks.device)                                 # [256, 2]
     for sl in row_chunks(b.shape[0], g * BLOCK):
         vals = lut[b[sl].long()].flatten(-2)                          # [r, G, 32]; low nibble = element 2j
         vals = torch.ldexp(vals, (s[sl].to(torch.int32) - 127).unsqueeze(-1).to(torch.float32))
         out[sl] = vals.flatten(-2).to(dtype)                          # [r, G*32]
     return out.reshape(*lead, g * BLOCK)
+
+
+def _scale_table(device: torch.device) -> Tensor:
+    """[256] bf16: E8M0 byte -> 2^(s-127) (byte 0 is the bf16 subnormal 2^-127; 255, NaN in E8M0, gives inf
+    exactly as ``torch.ldexp`` does in the fp32 path)."""
+    key = ("scale", torch.device(device), torch.bfloat16)
+    if key not in _LUT_CACHE:
+        e = torch.arange(256, dtype=torch.float32) - 127
+        _LUT_CACHE[key] = torch.ldexp(torch.ones(256), e).to(torch.bfloat16).to(device)
+    return _LUT_CACHE[key]
+
+
+def _dequantize_bf16(b: Tensor, s: Tensor, out: Tensor) -> Tensor:
+    """bf16 dequantization without fp32 intermediates: the E2M1 values and the power-of-two scales are exact
+    in bf16, so one bf16 multiply (computed exactly, rounded once) gives the same bits as the fp32 path's
+    ldexp followed by a cast. About 3x less memory traffic than the fp32 path, which matters when the
+    reference forward dequantizes every expert of every layer (calibration at 20b size on a GPU)."""
+    lut = fp4_byte_lut(b.device).to(torch.bfloat16)                   # [256, 2] (cached in fp32, cast: 1 KB)
+    stab = _scale_table(b.device)                                     # [256]
+    g = b.shape[1]
+    for sl in row_chunks(b.shape[0], g * BLOCK):
+        vals = lut[b[sl].int()].flatten(-2)                           # [r, G, 32] bf16
+        out[sl] = (vals * stab[s[sl].int()].unsqueeze(-1)).flatten(-2)
+    return out
 
 
 @register_format("mxfp4")
