@@ -10,7 +10,8 @@ import torch
 from ._common import autotune, cfg, launch, tl, triton
 
 _CONFIGS = [cfg(4, 2, BN=16, BK=256), cfg(4, 2, BN=8, BK=512), cfg(4, 2, BN=4, BK=512), cfg(8, 2, BN=16, BK=512),
-            cfg(4, 3, BN=32, BK=128), cfg(2, 2, BN=4, BK=256)]
+            cfg(4, 3, BN=32, BK=128), cfg(2, 2, BN=4, BK=256),
+            cfg(4, 2, BN=4, BK=256), cfg(2, 2, BN=4, BK=512), cfg(8, 2, BN=8, BK=128)]
 
 
 @autotune(_CONFIGS, key=["K", "NMAX", "NT"])

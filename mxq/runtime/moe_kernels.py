@@ -121,7 +121,8 @@ def _rows_dot_bf16(x_row, w, rows, rmask, K, s_row, R: tl.constexpr, BK: tl.cons
 
 
 _GEMV_CONFIGS = [cfg(4, 2, BN=8, BG=8), cfg(2, 2, BN=4, BG=8), cfg(4, 2, BN=16, BG=4), cfg(4, 2, BN=8, BG=4),
-                 cfg(8, 2, BN=16, BG=8), cfg(2, 2, BN=2, BG=8), cfg(4, 2, BN=4, BG=16)]
+                 cfg(8, 2, BN=16, BG=8), cfg(2, 2, BN=2, BG=8), cfg(4, 2, BN=4, BG=16),
+                 cfg(8, 2, BN=32, BG=4), cfg(8, 2, BN=8, BG=16)]   # last two: best down in bench/gemv_configs.py
 
 
 @triton.jit
