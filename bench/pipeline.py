@@ -138,12 +138,13 @@ def markdown(summary: dict[str, Any]) -> str:
     if summary.get("device"):
         lines.append(f"Device: {summary['device']}. ")
     if summary.get("synth_s") is not None:
-        lines.append(f"Synthetic checkpoint written in {summary['synth_s']:.1f} s ({_f(summary.get('source_gb'), '{:.2f}')} GB). ")
+        lines.append(f"Synthetic checkpoint written in {summary['synth_s']:.1f} s "
+                     f"({_f(summary.get('source_gb'), '{:.2f}')} GB). ")
     if summary.get("command"):
         lines += ["", "Per recipe: `" + summary["command"] + "`"]
-    lines += ["", "| recipe | status | load s | stats s | plan s (build/apply/export) | generate s | evaluate s (mem/speed/acc) | "
-              "pipeline s | process s | calib tokens | peak GPU GB | decode tok/s (code path) | TTFT ms | "
-              "weights GB | export GB (layout) |",
+    lines += ["", "| recipe | status | load s | stats s | plan s (build/apply/export) | generate s | "
+              "evaluate s (mem/speed/acc) | pipeline s | process s | calib tokens | peak GPU GB | "
+              "decode tok/s (code path) | TTFT ms | weights GB | export GB (layout) |",
               "|" + "---|" * 15]
     for r in rows:
         t = r.get("timings_s") or {}
@@ -204,7 +205,8 @@ def run_recipe(recipe: str, src: Path, work: Path, overrides: list[str], cache: 
         proc["status"] = f"timeout after {timeout:.0f} s"
     proc["wall_s"] = round(time.perf_counter() - t0, 1)
     if proc["status"] != "ok":
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.exists() else []
+        text = log.read_text(errors="replace") if log.exists() else ""
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         errs = [ln for ln in lines if "Error" in ln or "error" in ln or "Could not" in ln][-3:]
         proc["error"] = " / ".join(errs or lines[-3:])[-600:] + f" (log: {log})"
     model = run_dir / "model"

@@ -96,8 +96,9 @@ def _speed_md(s: dict[str, Any]) -> str:
     if s.get("peak_allocated_bytes"):
         path += f"; peak GPU memory during the sweep {s['peak_allocated_bytes'] / MiB:.1f} MiB allocated"
     return ("## Speed\n\n" + path + ".\n\n" + f"Protocol: {s.get('protocol')}. {first['repeats']} timed repeats per "
-            f"setting after warm-up, {first['new_tokens']} generated tokens, batch {first['batch']}, {s.get('threads')} "
-            f"CPU threads; energy: {s.get('energy_source')}. Headline setting: `{s.get('headline')}`.\n\n"
+            f"setting after warm-up, {first['new_tokens']} generated tokens, batch {first['batch']}, "
+            f"{s.get('threads')} CPU threads; energy: {s.get('energy_source')}. Headline setting: "
+            f"`{s.get('headline')}`.\n\n"
             + table(head, rows) + "\n![speed](speed.png)\n")
 
 

@@ -7,9 +7,9 @@ are re-packed into their target format through ``convert`` (an expert already in
 its bytes; a layer whose kept experts all stay in one stacked format stays stacked, copied once with
 ``index_select``; a layer whose kept experts all end in one format after re-packing is stacked again, so
 that every expert of the layer is a view of one buffer per tensor, as the fast runtime requires;
-stacking moves no value, the exported bytes are the same). Attention projections and the lm_head in fp8 are quantized and their dequantized
-values put back into the ``nn.Linear`` (the model computes with exactly the stored values); the packed
-weight is kept on the module as ``_mxq_packed`` for the exporters.
+stacking moves no value, the exported bytes are the same). Attention projections and the lm_head in fp8
+are quantized and their dequantized values put back into the ``nn.Linear`` (the model computes with exactly
+the stored values); the packed weight is kept on the module as ``_mxq_packed`` for the exporters.
 """
 from __future__ import annotations
 
