@@ -62,3 +62,23 @@ def test_report_and_summary_name_the_code_path(model, tmp_path):
     md = _speed_md(rep)
     assert f"Code path: `{DEFAULT_PATH}`" in md and "fast runtime not used: model on cpu" in md
     assert ("speed code path", DEFAULT_PATH) in summary_rows({"speed": rep})
+
+
+def test_a_failing_fast_runtime_costs_only_its_own_numbers(model, monkeypatch):
+    """runtime=auto: an error inside the fast runtime (a kernel that does not compile, a capture error) is
+    recorded and the reference path measured instead; runtime=fast re-raises it."""
+    import mxq.evaluate.speed as S
+
+    class Broken:
+        path = FAST_PATH
+
+        def state_for(self, *a):
+            raise RuntimeError("boom in the kernel")
+
+    monkeypatch.setattr(S, "choose_runtime", lambda m, want: (Broken(), FAST_PATH, None))
+    rep = S.speed_report(model, CFG, progress=False)
+    assert rep["code_path"] == DEFAULT_PATH == rep["precision"]["path"] and rep["decode_tokens_per_s"] > 0
+    assert "fast runtime failed" in rep["fallback_reason"]
+    assert "RuntimeError: boom in the kernel" in rep["fallback_reason"]
+    with pytest.raises(RuntimeError, match="boom"):
+        S.speed_report(model, {**CFG, "runtime": "fast"}, progress=False)

@@ -115,12 +115,17 @@ def timed_generate_fast(rt, ids: torch.Tensor, new_tokens: int, do_sample: bool,
     return t_first - t0, time.perf_counter() - t0
 
 
+def reference_path(model) -> str:
+    """The name of the path ``model(ids, cache=...)`` runs (an attached mxq runtime does not change forward())."""
+    ref = getattr(model, "runtime_path", DEFAULT_PATH)
+    return DEFAULT_PATH if ref == FAST_PATH else ref
+
+
 def choose_runtime(model, want: str = "auto") -> tuple[Any, str, str | None]:
     """(fast runtime or None, code path, why the fast path is not used or None) for ``speed.runtime``."""
     if want not in RUNTIMES:
         raise ValueError(f"speed.runtime must be one of {RUNTIMES}, got {want!r}")
-    ref = getattr(model, "runtime_path", DEFAULT_PATH)
-    ref = DEFAULT_PATH if ref == FAST_PATH else ref        # the mark of an attached runtime, not of forward()
+    ref = reference_path(model)
     if want == "reference":
         return None, ref, "speed.runtime=reference: the reference torch path was asked for"
     if want == "auto" and model.device.type != "cuda":
@@ -207,22 +212,41 @@ def speed_report(model, cfg: dict[str, Any], progress: bool = True) -> dict[str,
     if cuda:
         sync(model.device)
         torch.cuda.reset_peak_memory_stats(model.device)
-    rows: dict[str, dict[str, Any]] = {}
-    try:
-        with tqdm(total=len(contexts) * len(modes) * int(cfg["repeats"]), desc=f"speed ({code_path})",
+
+    def sweep(runtime, path: str) -> dict[str, dict[str, Any]]:
+        rows: dict[str, dict[str, Any]] = {}
+        with tqdm(total=len(contexts) * len(modes) * int(cfg["repeats"]), desc=f"speed ({path})",
                   disable=not progress, leave=False) as bar:
             for mode in modes:
                 for c in contexts:
-                    rows[f"{mode}@{c}"] = _setting(model, c, mode, cfg, meter, active_b, bar, rt)
-        peak = int(torch.cuda.max_memory_allocated(model.device)) if cuda else None
-    finally:
-        if rt is not None and not attached:       # drop the runtime's KV cache, graphs and runtime_path mark
+                    rows[f"{mode}@{c}"] = _setting(model, c, mode, cfg, meter, active_b, bar, runtime)
+        return rows
+
+    def detach() -> None:                          # drop the runtime's KV cache, graphs and runtime_path mark
+        if not attached:
             from ..runtime import disable
 
             disable(model)
-            del rt
             if cuda:
                 torch.cuda.empty_cache()
+
+    try:
+        try:
+            rows = sweep(rt, code_path)
+        except Exception as e:  # noqa: BLE001 - auto: a failing fast runtime must not cost the other numbers
+            if rt is None or want != "auto":
+                raise
+            rt = None
+            detach()
+            code_path = reference_path(model)
+            reason = f"the fast runtime failed, the reference path was measured instead: {type(e).__name__}: {e}"
+            reason = reason[:500]
+            rows = sweep(None, code_path)
+        peak = int(torch.cuda.max_memory_allocated(model.device)) if cuda else None
+    finally:
+        if rt is not None:
+            rt = None
+            detach()
     prec = precision(model)
     prec["path"] = code_path
     head_ctx = int(cfg.get("headline_context") or contexts[0])
