@@ -90,3 +90,10 @@ def test_mixed_formats_in_a_layer_stay_per_expert(make_ckpt):
     assert not any(stacked for _, stacked in ex._spec["gate_up"][0][3].values())
     # the kept MXFP4 experts own copies of their bytes: the source's stacked buffers are not held any more
     assert "gate_up_blocks" not in dict(ex.named_buffers())
+    from mxq.runtime import HAVE_TRITON, UnsupportedModel
+
+    if HAVE_TRITON:              # what the speed stage records as its reason to fall back (mixed_budget)
+        from mxq.runtime import stacked_experts
+
+        with pytest.raises(UnsupportedModel):
+            stacked_experts(ex, "gate_up")
