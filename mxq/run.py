@@ -101,11 +101,16 @@ def _plan(ctx: RunContext) -> None:
         return
     from .plan import apply_, build_plan, export_model
 
+    t0 = time.perf_counter()
     ctx.plan = build_plan(ctx.cfg.recipe, ctx.stats, ctx.model)
     ctx.plan.save(ctx.run_dir / "plan.json")
+    t1 = time.perf_counter()
     apply_(ctx.model, ctx.plan)
+    t2 = time.perf_counter()
+    ctx.timings.update(plan_build=round(t1 - t0, 3), plan_apply=round(t2 - t1, 3))
     if ctx.cfg.recipe.get("export", {}).get("enabled"):
         export_model(ctx.model, ctx.plan, ctx.run_dir / "model", source_dir=ctx.model.source)
+        ctx.timings["plan_export"] = round(time.perf_counter() - t2, 3)
 
 
 @stage("generate")
@@ -162,13 +167,22 @@ def run(cfg: DictConfig, run_dir: Path) -> RunContext:
     device, dtype = resolve_device(cfg)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device, dtype=dtype)
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    cuda = device.type == "cuda"
+    gpu_peak: dict[str, int] = {}
+    t_run = time.perf_counter()
     for name, fn in STAGES:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         fn(ctx)
         ctx.timings[name] = round(time.perf_counter() - t0, 3)
+        if cuda:       # since the stage began (inside evaluate, the memory probe and the speed sweep reset it)
+            gpu_peak[name] = int(torch.cuda.max_memory_allocated(device))
     from .runmeta import environment
 
-    meta = {"env": environment(), "timings_s": ctx.timings, "run_dir": str(run_dir)}
+    meta = {"env": environment(), "timings_s": ctx.timings, "wall_s": round(time.perf_counter() - t_run, 3),
+            "gpu_peak_allocated_bytes": gpu_peak or None,
+            "calib_tokens": getattr(ctx.stats, "tokens", None), "run_dir": str(run_dir)}
     (run_dir / "run_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return ctx
 

@@ -37,10 +37,16 @@ def test_recipe_runs_end_to_end(recipe, ckpt, tmp_path):
     assert (out / "resolved_config.yaml").exists() and (out / "run_meta.json").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["recipe"]["name"] == recipe
+    meta = json.loads((out / "run_meta.json").read_text())         # what bench/pipeline.py reads
+    assert set(meta["timings_s"]) >= {"load", "validate", "stats", "plan", "generate", "evaluate", "outputs"}
+    assert meta["wall_s"] >= sum(meta["timings_s"][k] for k in ("load", "stats", "plan", "evaluate"))
+    assert meta["gpu_peak_allocated_bytes"] is None                 # CPU run
     if cfg.recipe.get("stats"):
         assert (out / "router_stats.json").exists()
+        assert meta["calib_tokens"] == 8 * 64
     if cfg.recipe.get("planner"):
         assert (out / "plan.json").exists()
+        assert {"plan_build", "plan_apply"} <= set(meta["timings_s"])
         if cfg.recipe.get("export", {}).get("enabled"):
             import mxq
 

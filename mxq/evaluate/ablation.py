@@ -29,6 +29,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("kl_p99", "accuracy.kl_vs_baseline.p99"),
     ("top1_agreement", "accuracy.kl_vs_baseline.top1_agreement"),
     ("decode_tok_s", "speed.decode_tokens_per_s"),
+    ("speed_path", "speed.code_path"),
     ("ttft_s", "speed.ttft_s"),
     ("e2e_p95_s", "speed.e2e_p95_s"),
     ("peak_gpu_bytes", "memory.peak.peak_allocated_bytes"),

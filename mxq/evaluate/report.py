@@ -90,10 +90,16 @@ def _speed_md(s: dict[str, Any]) -> str:
     head = ["setting (mode@context)", "TTFT ms", "prefill tok/s", "decode tok/s", "e2e p50 s", "e2e p95 s",
             "J / 1k gen tokens", "tokens / J", "APE (tok/s per B active)"]
     first = next(iter(s["by_setting"].values()))
-    return ("## Speed\n\n" + f"Protocol: {s.get('protocol')}. {first['repeats']} timed repeats per setting after "
-            f"warm-up, {first['new_tokens']} generated tokens, batch {first['batch']}, {s.get('threads')} CPU threads; "
-            f"energy: {s.get('energy_source')}. Headline setting: `{s.get('headline')}`.\n\n" + table(head, rows)
-            + "\n![speed](speed.png)\n")
+    path = f"Code path: `{s.get('code_path') or (s.get('precision') or {}).get('path')}`"
+    if s.get("fallback_reason"):
+        path += f" (fast runtime not used: {s['fallback_reason']})"
+    if s.get("peak_allocated_bytes"):
+        path += f"; peak GPU memory during the sweep {s['peak_allocated_bytes'] / MiB:.1f} MiB allocated"
+    return ("## Speed\n\n" + path + ".\n\n" + f"Protocol: {s.get('protocol')}. {first['repeats']} timed repeats per "
+            f"setting after warm-up, {first['new_tokens']} generated tokens, batch {first['batch']}, "
+            f"{s.get('threads')} CPU threads; energy: {s.get('energy_source')}. Headline setting: "
+            f"`{s.get('headline')}`.\n\n"
+            + table(head, rows) + "\n![speed](speed.png)\n")
 
 
 def _accuracy_md(a: dict[str, Any]) -> str:
@@ -170,6 +176,7 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         ("bits / expert weight", fmt(get_path(metrics, "memory.bits_per_expert_weight"))),
         ("decode tokens/s", fmt(get_path(metrics, "speed.decode_tokens_per_s"))),
         ("TTFT s", fmt(get_path(metrics, "speed.ttft_s"))),
+        ("speed code path", fmt(get_path(metrics, "speed.code_path"))),
         ("perplexity (mean)", fmt(get_path(metrics, "accuracy.perplexity.mean"))),
         ("KL mean / p99", f"{fmt(get_path(metrics, 'accuracy.kl_vs_baseline.mean'))} / "
                           f"{fmt(get_path(metrics, 'accuracy.kl_vs_baseline.p99'))}"),

@@ -13,6 +13,14 @@ Protocol of Yadav & Patel, "GPT-OSS-20B: A Comprehensive Deployment-Centric Anal
 Device work is synchronised around every timing; each setting is warmed up first; prompts are random
 token ids from a fixed seed (the speed of this model does not depend on the token values, only on routing,
 which random ids exercise broadly).
+
+Code path (``speed.runtime``: auto | fast | reference): on CUDA, ``auto`` measures the fast runtime
+(``mxq.runtime``: Triton kernels, decode replayed from a CUDA graph, greedy or sampling inside the graph);
+the reference torch forward (``model(ids, cache=...)`` per token) is measured on the CPU, when asked for, or
+when the runtime refuses the model (``UnsupportedModel``, e.g. several expert formats in a layer); the
+reason is recorded (``fallback_reason``) beside ``code_path``. The fast path keeps its KV cache and graphs
+per (batch, capacity) between requests (static buffers, allocated and captured during the warm-up), so its
+TTFT is prefill + first token; the reference path allocates its cache inside every request.
 """
 from __future__ import annotations
 
@@ -24,9 +32,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model.generate import sample_next
-from .metrics import param_counts, precision, quantile, sync
+from .metrics import DEFAULT_PATH, param_counts, precision, quantile, sync
 
 NOT_AVAILABLE = "not available"
+FAST_PATH = "mxq-triton-cudagraph"           # mxq.runtime.RUNTIME_PATH (not imported: triton is optional)
+RUNTIMES = ("auto", "fast", "reference")
 
 
 class EnergyMeter:
@@ -81,8 +91,56 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, do_sample: bool, t
     return t_first - t0, time.perf_counter() - t0
 
 
+@torch.no_grad()
+def timed_generate_fast(rt, ids: torch.Tensor, new_tokens: int, do_sample: bool, temperature: float,
+                        top_p: float) -> tuple[float, float]:
+    """One request on the fast runtime ``rt`` (``mxq.runtime.Runtime``): (TTFT s, end-to-end s), same protocol
+    as ``timed_generate``: prefill + first token, host sync, g - 1 graph-replayed decode steps, host sync."""
+    from ..runtime.sampling import SamplingParams
+
+    dev = ids.device
+    b, t = ids.shape
+    params = SamplingParams(temperature, top_p) if do_sample else None
+    sync(dev)
+    t0 = time.perf_counter()
+    st = rt.state_for(b, t + new_tokens)
+    rt.use_sampling(st, params)
+    logits = rt.prefill(st, ids)
+    st.seq[:, t] = rt.choose(st, logits).to(torch.int32)
+    sync(dev)
+    t_first = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        rt.step(st)
+    sync(dev)
+    return t_first - t0, time.perf_counter() - t0
+
+
+def reference_path(model) -> str:
+    """The name of the path ``model(ids, cache=...)`` runs (an attached mxq runtime does not change forward())."""
+    ref = getattr(model, "runtime_path", DEFAULT_PATH)
+    return DEFAULT_PATH if ref == FAST_PATH else ref
+
+
+def choose_runtime(model, want: str = "auto") -> tuple[Any, str, str | None]:
+    """(fast runtime or None, code path, why the fast path is not used or None) for ``speed.runtime``."""
+    if want not in RUNTIMES:
+        raise ValueError(f"speed.runtime must be one of {RUNTIMES}, got {want!r}")
+    ref = reference_path(model)
+    if want == "reference":
+        return None, ref, "speed.runtime=reference: the reference torch path was asked for"
+    if want == "auto" and model.device.type != "cuda":
+        return None, ref, f"model on {model.device.type}: the fast runtime (mxq.runtime) needs a CUDA GPU"
+    from ..runtime import UnsupportedModel, enable
+
+    try:
+        rt = enable(model)
+    except UnsupportedModel as e:
+        return None, ref, f"UnsupportedModel: {e}"
+    return rt, rt.path, None
+
+
 def _setting(model, context: int, mode: str, cfg: dict[str, Any], meter: EnergyMeter, active_b: float,
-             bar: tqdm) -> dict[str, Any]:
+             bar: tqdm, rt=None) -> dict[str, Any]:
     g, batch, reps = int(cfg["new_tokens"]), int(cfg.get("batch_size", 1)), int(cfg["repeats"])
     do_sample = mode == "sample"
     dev = model.device
@@ -94,13 +152,19 @@ def _setting(model, context: int, mode: str, cfg: dict[str, Any], meter: EnergyM
     def prompt() -> torch.Tensor:
         return torch.randint(0, vocab, (batch, context), generator=prompt_gen).to(dev)     # [B, T]
 
-    for _ in range(int(cfg.get("warmup", 1))):
-        timed_generate(model, prompt(), g, do_sample, temp, top_p, sample_gen)
+    def request(ids: torch.Tensor) -> tuple[float, float]:
+        if rt is not None:
+            return timed_generate_fast(rt, ids, g, do_sample, temp, top_p)
+        return timed_generate(model, ids, g, do_sample, temp, top_p, sample_gen)
+
+    # the fast path always gets an untimed request first: Triton compilation, autotuning and graph capture
+    for _ in range(max(int(cfg.get("warmup", 1)), 1 if rt is not None else 0)):
+        request(prompt())
     prompts = [prompt() for _ in range(reps)]
     e0 = meter.read_j()
     ttft, e2e = [], []
     for ids in prompts:
-        a, b = timed_generate(model, ids, g, do_sample, temp, top_p, sample_gen)
+        a, b = request(ids)
         ttft.append(a)
         e2e.append(b)
         bar.update(1)
@@ -131,21 +195,60 @@ def speed_report(model, cfg: dict[str, Any], progress: bool = True) -> dict[str,
     """The ``speed`` section: one row per (mode, context) in ``by_setting``, headline figures on top.
 
     Headline = the greedy row at ``headline_context`` (default: the first context of the sweep).
+    Code path: ``cfg["runtime"]`` (module docstring); a runtime attached here is detached afterwards.
     """
     model.eval()
     contexts = [int(c) for c in cfg["contexts"]]
     modes = list(cfg.get("modes", ["greedy"]))
     if any(m not in ("greedy", "sample") for m in modes):
         raise ValueError(f"speed.modes must be greedy and/or sample, got {modes}")
+    want = str(cfg.get("runtime") or "auto")
+    attached = "_mxq_runtime" in model.__dict__
+    rt, code_path, reason = choose_runtime(model, want)
     meter = EnergyMeter(model.device)
     counts = param_counts(model)
     active_b = counts["active_excl_embedding"] / 1e9
-    rows: dict[str, dict[str, Any]] = {}
-    with tqdm(total=len(contexts) * len(modes) * int(cfg["repeats"]), desc="speed", disable=not progress,
-              leave=False) as bar:
-        for mode in modes:
-            for c in contexts:
-                rows[f"{mode}@{c}"] = _setting(model, c, mode, cfg, meter, active_b, bar)
+    cuda = model.device.type == "cuda"
+    if cuda:
+        sync(model.device)
+        torch.cuda.reset_peak_memory_stats(model.device)
+
+    def sweep(runtime, path: str) -> dict[str, dict[str, Any]]:
+        rows: dict[str, dict[str, Any]] = {}
+        with tqdm(total=len(contexts) * len(modes) * int(cfg["repeats"]), desc=f"speed ({path})",
+                  disable=not progress, leave=False) as bar:
+            for mode in modes:
+                for c in contexts:
+                    rows[f"{mode}@{c}"] = _setting(model, c, mode, cfg, meter, active_b, bar, runtime)
+        return rows
+
+    def detach() -> None:                          # drop the runtime's KV cache, graphs and runtime_path mark
+        if not attached:
+            from ..runtime import disable
+
+            disable(model)
+            if cuda:
+                torch.cuda.empty_cache()
+
+    try:
+        try:
+            rows = sweep(rt, code_path)
+        except Exception as e:  # noqa: BLE001 - auto: a failing fast runtime must not cost the other numbers
+            if rt is None or want != "auto":
+                raise
+            rt = None
+            detach()
+            code_path = reference_path(model)
+            reason = f"the fast runtime failed, the reference path was measured instead: {type(e).__name__}: {e}"
+            reason = reason[:500]
+            rows = sweep(None, code_path)
+        peak = int(torch.cuda.max_memory_allocated(model.device)) if cuda else None
+    finally:
+        if rt is not None:
+            rt = None
+            detach()
+    prec = precision(model)
+    prec["path"] = code_path
     head_ctx = int(cfg.get("headline_context") or contexts[0])
     head_ctx = head_ctx if head_ctx in contexts else contexts[0]      # a headline outside the sweep: the first
     head = rows.get(f"greedy@{head_ctx}") or rows[f"{modes[0]}@{head_ctx}"]
@@ -160,7 +263,11 @@ def speed_report(model, cfg: dict[str, Any], progress: bool = True) -> dict[str,
         "energy_source": "nvml total energy counter" if meter.handle is not None else meter.reason,
         "active_params": counts["active_excl_embedding"],
         "threads": torch.get_num_threads(),
-        "precision": precision(model),
+        "code_path": code_path,
+        "runtime_requested": want,
+        "fallback_reason": reason,
+        "peak_allocated_bytes": peak,
+        "precision": prec,
         "protocol": "Yadav & Patel, arXiv 2508.16700: true TTFT incl. prefill; decode over the full "
                     "decode; p50/p95 end-to-end; NVML energy per 1,000 generated tokens; APE",
         "by_setting": rows,

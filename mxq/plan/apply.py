@@ -5,9 +5,11 @@ routing then takes the top-k over the surviving logits and the softmax over thos
 itself, exactly as if the pruned experts' router logits were -inf (methods.md, "Pruning"). Kept experts
 are re-packed into their target format through ``convert`` (an expert already in its target format keeps
 its bytes; a layer whose kept experts all stay in one stacked format stays stacked, copied once with
-``index_select``). Attention projections and the lm_head in fp8 are quantized and their dequantized
-values put back into the ``nn.Linear`` (the model computes with exactly the stored values); the packed
-weight is kept on the module as ``_mxq_packed`` for the exporters.
+``index_select``; a layer whose kept experts all end in one format after re-packing is stacked again, so
+that every expert of the layer is a view of one buffer per tensor, as the fast runtime requires;
+stacking moves no value, the exported bytes are the same). Attention projections and the lm_head in fp8
+are quantized and their dequantized values put back into the ``nn.Linear`` (the model computes with exactly
+the stored values); the packed weight is kept on the module as ``_mxq_packed`` for the exporters.
 """
 from __future__ import annotations
 
@@ -52,6 +54,14 @@ def _stacked_source(ex: PackedExperts, kind: str, kept: list[int], target: list[
     return fmt, meta, {name: getattr(ex, buf) for name, (buf, _) in refs.items()}
 
 
+def _stackable(qs: list[Packed]) -> bool:
+    """Whether packed experts can share one [K, ...] buffer per tensor: one format, meta, names, shapes, dtypes."""
+    q0 = qs[0]
+    sig = {n: (t.shape, t.dtype, t.device) for n, t in q0.tensors.items()}
+    return all(q.format == q0.format and q.meta == q0.meta and tuple(q.shape) == tuple(q0.shape)
+               and {n: (t.shape, t.dtype, t.device) for n, t in q.tensors.items()} == sig for q in qs)
+
+
 def _own(p: Packed) -> Packed:
     """A copy whose tensors own their storage, so the old layer's buffers can be freed."""
     return Packed(p.format, {k: v.clone() for k, v in p.tensors.items()}, p.shape, dict(p.meta))
@@ -75,9 +85,13 @@ def _apply_layer(mlp: nn.Module, row: list[str]) -> None:
             fmt, meta, bufs = st
             new.set_stacked(kind, fmt, {n: b.index_select(0, idx.to(b.device)) for n, b in bufs.items()}, meta)
             continue
-        for j, (e, f) in enumerate(zip(kept, target)):
-            p = ex.packed(kind, e)
-            q = convert(p, f)
+        pairs = [(p, convert(p, f)) for p, f in zip((ex.packed(kind, e) for e in kept), target)]
+        qs = [q for _, q in pairs]
+        if _stackable(qs):            # one format in the layer: stacked again (a copy of the same values)
+            new.set_stacked(kind, qs[0].format, {n: torch.stack([q.tensors[n] for q in qs])
+                                                 for n in qs[0].tensors}, qs[0].meta)
+            continue
+        for j, (p, q) in enumerate(pairs):
             new.set_expert(kind, j, _own(q) if q is p else q)
     old = mlp.router
     router = nn.Linear(old.in_features, len(kept), bias=True, device="meta")

@@ -2,6 +2,7 @@
 
     from mxq.runtime import fast_generate
     out = fast_generate(model, input_ids, max_new_tokens=64)     # greedy; sets model.runtime_path
+    out = fast_generate(model, input_ids, 64, do_sample=True, temperature=0.8, top_p=0.95)
 
 Triton kernels read the checkpoint's packed MXFP4 experts (or stacked bf16 experts) directly; the decode
 step runs without host synchronisation and is replayed from one CUDA graph.
@@ -9,6 +10,7 @@ step runs without host synchronisation and is replayed from one CUDA graph.
 from __future__ import annotations
 
 from ._common import HAVE_TRITON
+from .sampling import SamplingParams, sample
 
 RUNTIME_PATH = "mxq-triton-cudagraph"
 
@@ -41,17 +43,21 @@ def disable(model) -> None:
 
 
 def fast_generate(model, input_ids, max_new_tokens: int, attention_mask=None, eos_token_id=None,
-                  prefill: str = "fast", timings: dict | None = None):
-    """Greedy generation on the fast path: [B, T] -> [B, T + new] (rows without padding).
+                  prefill: str = "fast", timings: dict | None = None, do_sample: bool = False,
+                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
+    """Generation on the fast path: [B, T] -> [B, T + new] (rows without padding).
 
+    Greedy, or with ``do_sample`` temperature / top-k / top-p sampling inside the captured graph
+    (``mxq.runtime.sampling``; default CUDA generator, seed with ``torch.manual_seed``; temperature 0 = greedy).
     ``prefill="reference"`` runs the prompt through mxq's reference forward instead of the fast prefill.
     ``timings`` (a dict) receives prefill_ms, decode_ms and decode_steps (CUDA events).
     """
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         raise ValueError("fast_generate does not support padded batches yet (attention_mask has zeros)")
     rt = enable(model)
-    return rt.generate(input_ids, max_new_tokens, eos_token_id=eos_token_id, prefill=prefill, timings=timings)
+    return rt.generate(input_ids, max_new_tokens, eos_token_id=eos_token_id, prefill=prefill, timings=timings,
+                       do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k)
 
 
 __all__ = ["fast_generate", "enable", "disable", "Runtime", "DecodeState", "UnsupportedModel", "RUNTIME_PATH",
-           "decode_bytes_per_token", "stacked_experts", "HAVE_TRITON"]
+           "decode_bytes_per_token", "stacked_experts", "HAVE_TRITON", "SamplingParams", "sample"]

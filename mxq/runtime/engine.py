@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import INTERPRET, require_triton
-from .attn_kernels import argmax_advance, embed_at, rmsnorm, rope_cache, sink_attention
+from .attn_kernels import advance, argmax_advance, embed_at, rmsnorm, rope_cache, sink_attention
 from .linear_kernels import linear_gemv
 from .moe_kernels import ExpertWeights, down_gemv, gate_up_gemv, moe_grouped, router_topk
+from .sampling import DeviceSampler, SamplingParams
 
 from . import RUNTIME_PATH
 
@@ -97,6 +98,11 @@ class DecodeState:
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()            # [L, d/2]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
+        # how the decode step picks its token: "greedy" (argmax), "sample" or "sample-filtered" (top-k/top-p);
+        # one captured graph per mode, the current one in graph/logits/sampler, the others kept in ``modes``
+        self.mode = "greedy"
+        self.sampler: DeviceSampler | None = None
+        self.modes: dict[str, tuple] = {}
 
 
 class Runtime:
@@ -162,8 +168,36 @@ class Runtime:
     def _decode_body(self, st: DecodeState) -> Tensor:
         x = embed_at(st.seq, st.pos, self.model.embed_tokens.weight)
         logits = F.linear(self._layers(x, 1, st, decode=True), self.model.lm_head.weight)   # [B, V]
-        argmax_advance(logits, st.seq, st.pos)
+        if st.sampler is None:
+            argmax_advance(logits, st.seq, st.pos)                  # greedy: argmax fused with the advance
+        else:
+            advance(st.sampler(logits), st.seq, st.pos)
         return logits
+
+    @staticmethod
+    def choose(st: DecodeState, logits: Tensor) -> Tensor:
+        """The next token [B] from logits [B, V]: argmax, or the state's device sampler (no host sync)."""
+        return torch.argmax(logits, dim=-1) if st.sampler is None else st.sampler(logits)
+
+    def use_sampling(self, st: DecodeState, params: SamplingParams | None) -> None:
+        """Make ``st`` decode greedily (None) or sample with ``params``: the parameters are written into the
+        mode's device tensors; a mode used for the first time on this state is captured now (call this
+        before ``prefill``: the capture's warm-up steps write the KV cache at positions 0 and 1)."""
+        mode = "greedy" if params is None else ("sample-filtered" if params.filtered else "sample")
+        if mode != st.mode:
+            st.modes[st.mode] = (st.sampler, st.graph, st.logits)
+            if mode in st.modes:
+                st.sampler, st.graph, st.logits = st.modes.pop(mode)
+            else:
+                st.sampler = None if params is None else DeviceSampler(st.seq.device, params.filtered)
+                st.graph = st.logits = None
+                if self.use_graph:
+                    st.pos.zero_()
+                    st.host_pos = 0
+                    self._capture(st)
+            st.mode = mode
+        if params is not None:
+            st.sampler.set(params)
 
     # ------------------------------------------------------------------------------------------- state
     def new_state(self, batch: int, max_len: int) -> DecodeState:
@@ -231,7 +265,8 @@ class Runtime:
     def step(self, st: DecodeState, tokens: Tensor | None = None) -> Tensor:
         """One decode step at ``st.host_pos``. ``tokens`` [B] forces the input token (teacher forcing);
         otherwise the token the previous step chose is used. Returns logits [B, V] (a static buffer when a
-        graph is used: clone it to keep it). The step also writes argmax into seq[:, pos + 1]."""
+        graph is used: clone it to keep it). The step also writes its chosen token (argmax, or a sample after
+        ``use_sampling``) into seq[:, pos + 1]."""
         if st.host_pos >= st.max_len:
             raise ValueError(f"KV cache full at {st.host_pos} positions")
         if tokens is not None:
@@ -246,18 +281,22 @@ class Runtime:
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id=None, prefill: str = "fast",
-                 timings: dict | None = None) -> Tensor:
+                 timings: dict | None = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0) -> Tensor:
+        """Greedy, or (``do_sample``) temperature / top-k / top-p sampling with the default CUDA generator
+        (seed it with ``torch.manual_seed``); temperature 0 is greedy. Rows without padding."""
         b, t = input_ids.shape
         if max_new_tokens <= 0:
             return input_ids
         st = self.state_for(b, t + max_new_tokens)
+        self.use_sampling(st, SamplingParams(temperature, top_p, top_k) if do_sample else None)
         cuda = input_ids.is_cuda
         if cuda:
             ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
             ev[0].record()
         t0 = time.perf_counter()
         logits = self.prefill(st, input_ids, prefill)
-        st.seq[:, t] = logits.argmax(-1).to(torch.int32)
+        st.seq[:, t] = self.choose(st, logits).to(torch.int32)
         if cuda:
             ev[1].record()
         t1 = time.perf_counter()
