@@ -212,9 +212,10 @@ def _fmt_w_tile(w_e, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, j, cols, cm, w0, WPR, 
 
 # ----------------------------------------------------------------------------------------------- decode GEMV
 
-# The first config of each list is the one the interpreter runs (``_common.autotune``): large tiles, few programs.
-_FMT_GEMV_CONFIGS = [cfg(8, 2, BN=32, BW=64), cfg(4, 2, BN=8, BW=32), cfg(4, 2, BN=4, BW=64),
-                     cfg(4, 2, BN=16, BW=32), cfg(8, 2, BN=16, BW=64), cfg(2, 2, BN=4, BW=32), cfg(4, 2, BN=8, BW=64)]
+# Every config compiles for sm_90 without spills and within 227 KB of shared memory for every format
+# (bench/compile_fmt_sm90.py); BN = 32 / BW = 64 spilled for NF4 and is used only by the interpreter (below).
+_FMT_GEMV_CONFIGS = [cfg(4, 2, BN=8, BW=32), cfg(4, 2, BN=4, BW=64), cfg(4, 2, BN=16, BW=32),
+                     cfg(8, 2, BN=16, BW=64), cfg(2, 2, BN=4, BW=32), cfg(4, 2, BN=8, BW=64)]
 _GEMV_KEY = ["P", "K", "FMT", "GW", "SROW", "ASYM"]
 
 
@@ -266,8 +267,10 @@ def _fmt_down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, slot_ptr, sidx_ptr, slot, w_pt
 # ----------------------------------------------------------------------------------------------- prefill
 
 
-_FMT_GROUPED_CONFIGS = [cfg(8, 2, BN=64, BK=256), cfg(4, 3, BN=32, BK=128), cfg(8, 3, BN=64, BK=128),
-                        cfg(4, 3, BN=64, BK=128), cfg(8, 2, BN=32, BK=256)]
+# (BN = 64 with 4 warps spilled; BN = 64, BK = 256 needed up to 256 KB of shared memory for NF4, whose table
+# gathers the pipeliner multi-buffers.)
+_FMT_GROUPED_CONFIGS = [cfg(4, 3, BN=32, BK=128), cfg(8, 3, BN=64, BK=128), cfg(8, 2, BN=32, BK=256),
+                        cfg(8, 2, BN=64, BK=128)]
 _GROUPED_KEY = ["P", "K", "FMT", "GW", "SROW", "ASYM"]
 
 
@@ -350,6 +353,13 @@ def _fmt_down_grouped_kernel(y_ptr, order_ptr, wt_ptr, te_ptr, ts_ptr, tn_ptr, s
     bias = tl.load(bias_ptr + e.to(tl.int64) * H + cols, mask=cm, other=0.0).to(tl.float32)
     z = bf16r(bf16r(acc) + bias[None, :]) * gw[:, None]
     tl.store(z_out + pair[:, None] * H + cols[None, :], z, mask=rm[:, None] & cm[None, :])
+
+
+if INTERPRET:   # the interpreter runs one config per kernel (``_common.autotune``): large tiles, few programs
+    for _k in (_fmt_gate_up_gemv_kernel, _fmt_down_gemv_kernel):
+        _k._mxq_default = dict(BN=32, BW=64)
+    for _k in (_fmt_gate_up_grouped_kernel, _fmt_down_grouped_kernel):
+        _k._mxq_default = dict(BN=64, BK=256)
 
 
 # ----------------------------------------------------------------------------------------------- host side
