@@ -112,7 +112,8 @@ def check_decoders(fmt: str) -> dict:
         x = torch.randn(in_f, generator=torch.Generator().manual_seed(7))
         acc = torch.zeros(out_f)
         r, bw = 32, 64
-        _rows_probe[(triton.cdiv(out_f, r),)](x, *st.args(), acc, out_f, in_f, *st.strides(), j, **st.meta(), R=r, BW=bw)
+        _rows_probe[(triton.cdiv(out_f, r),)](x, *st.args(), acc, out_f, in_f, *st.strides(), j, **st.meta(), R=r,
+                                              BW=bw)
         ref32 = get_format(fmt).dequantize(ps[j], torch.float32).double() @ x.double()
         res[f"{name}_tile_mismatches"] = int((tile.view(torch.int16) != ref16.view(torch.int16)).sum())
         res[f"{name}_gemv_rel"] = rel(acc, ref32)

@@ -340,7 +340,8 @@ def _apply_eos(new: Tensor, eos_token_id) -> Tensor:
 
 def decode_bytes_per_token(model, context: int) -> dict:
     """Bytes a batch-1 decode step must read at ``context`` keys: the k used experts per layer (packed bytes in
-    each expert's own format, scales included, and bias rows; the mean over the layer's experts), attention and router weights, norms, the lm_head, one embedding row and the KV cache."""
+    each expert's own format, scales included, and bias rows; the mean over the layer's experts), attention and
+    router weights, norms, the lm_head, one embedding row and the KV cache."""
     cfg = model.config
     k = cfg.num_experts_per_tok
     nb = lambda t: t.numel() * t.element_size()                               # noqa: E731
