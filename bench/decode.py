@@ -12,6 +12,13 @@ Without ``--model`` it writes the synthetic gpt-oss-20b checkpoint first
 * bf16 experts on the fast path (the same experts dequantized to bf16 in place): decode tokens/s and their limit;
 * transformers ``GptOssForCausalLM`` (Mxfp4Config(dequantize=True), bf16) ``generate``: decode tokens/s from
   generate(g+1) - generate(1), greedy, the same prompt.
+
+``--formats mxfp4,nvfp4,nf4,int4_g128,fp8,bf16`` adds, per format, the same checkpoint with every expert
+re-quantized in memory (``mxq.plan.apply_`` with a uniform plan: each expert converted from its MXFP4 values;
+mxfp4 itself is the checkpoint as loaded) on the fast path: decode tokens/s, % of that format's bandwidth
+limit, TTFT, peak GPU memory (rows ``fast_fmt_<format>``). Plan-converted experts run on ``fmt_kernels``; the
+loaded MXFP4 checkpoint on ``moe_kernels`` unless ``--fmt-kernels-all``. ``--only-formats`` skips every other
+section (each format compiles and autotunes its own kernels: about 1-2 minutes per format).
 """
 from __future__ import annotations
 
@@ -195,6 +202,57 @@ def kernel_breakdown(rt, reps: int = 5) -> dict:
     return out
 
 
+def formats_section(a, src: Path, ids, bw: float, ctx: int, res: dict) -> None:
+    """One model per format in ``a.formats`` (re-quantized in memory), measured by ``fast_section``."""
+    import mxq
+    from mxq.plan import Plan, apply_
+    from mxq.runtime import disable, enable
+    from mxq.runtime.fmt_kernels import FmtExperts
+
+    res["formats"] = a.formats.split(",")
+    for fmt in res["formats"]:
+        free()
+        model = mxq.load_model(src, device="cuda", dtype=torch.bfloat16)
+        cfg = model.config
+        t0 = time.perf_counter()
+        if fmt != "mxfp4":
+            apply_(model, Plan.uniform(cfg.num_hidden_layers, cfg.num_local_experts, fmt))
+        sync()
+        requant_s = time.perf_counter() - t0
+        rt = enable(model)
+        if a.fmt_kernels_all:                               # also the stacked checkpoint through fmt_kernels
+            for L, lyr in zip(rt.layers, model.layers):
+                if not isinstance(L.gu, FmtExperts):
+                    L.gu, L.dn = FmtExperts(lyr.mlp.experts, "gate_up"), FmtExperts(lyr.mlp.experts, "down")
+        kernels = "fmt_kernels" if isinstance(rt.layers[0].gu, FmtExperts) else "moe_kernels"
+        free()
+        torch.cuda.reset_peak_memory_stats()
+        label = f"fast_fmt_{fmt}"
+        fast_section(model, ids, a.gen, a.runs, label, res, bw, ctx)
+        peak = torch.cuda.max_memory_allocated()
+        kv = rt._state.cache.nbytes
+        w = model_bytes(model)
+        res[label].update(kernels=kernels, requantize_s=round(requant_s, 1), weights_gb=round(w / 1e9, 3),
+                          peak_gpu_gb=round(peak / 1e9, 3), kv_cache_gb=round(kv / 1e9, 3),
+                          peak_over_weights_kv_gb=round((peak - w - kv) / 1e9, 3))
+        print(json.dumps(res[label], indent=1), flush=True)
+        disable(model)
+        del model, rt
+        free()
+
+
+def format_rows(res: dict) -> list[tuple[str, str]]:
+    rows = []
+    for fmt in res.get("formats", []):
+        f = res[f"fast_fmt_{fmt}"]
+        rows.append((f"mxq fast, {fmt} experts ({f['kernels']}): decode",
+                     f"{f['decode_tokens_per_s']} tok/s ({f['pct_of_limit']}% of its limit {f['limit_tokens_per_s']} "
+                     f"tok/s at {f['bytes_per_token']['total'] / 1e9:.3f} GB/token), TTFT {f['ttft_ms']} ms, peak "
+                     f"{f['peak_gpu_gb']} GB = weights {f['weights_gb']} + KV {f['kv_cache_gb']} + "
+                     f"{f['peak_over_weights_kv_gb']} GB"))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: synthesize the 20b)")
@@ -207,9 +265,16 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--skip-bf16-experts", action="store_true")
     ap.add_argument("--skip-breakdown", action="store_true")
+    ap.add_argument("--formats", default=None, help="comma-separated expert formats to measure, e.g. "
+                    "mxfp4,nvfp4,nf4,int4_g128,fp8,bf16 (experts re-quantized in memory)")
+    ap.add_argument("--only-formats", action="store_true", help="with --formats: skip every other section")
+    ap.add_argument("--fmt-kernels-all", action="store_true",
+                    help="with --formats: run the loaded MXFP4 checkpoint through fmt_kernels too")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)
     a = ap.parse_args()
+    if a.only_formats and not a.formats:
+        ap.error("--only-formats needs --formats")
     import mxq
 
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "context": a.context,
@@ -238,6 +303,13 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size - 1100, (1, a.context), generator=g).cuda()
     ctx = a.context + a.gen // 2                                   # mean context over the timed steps
+
+    if a.only_formats:                                   # --formats alone: one model per format
+        del model
+        formats_section(a, src, ids, bw, ctx, res)
+        rows = [("device", res["device"]), ("copy bandwidth (read+write)", f"{res['copy_bandwidth_TBps']} TB/s")]
+        finish(a, res, rows + format_rows(res))
+        return
 
     # ---- mxq fast path, MXFP4 experts
     free()
@@ -325,6 +397,11 @@ def main() -> None:
         del model
         free()
 
+    if a.formats:
+        model = None
+        free()
+        formats_section(a, src, ids, bw, ctx, res)
+
     f = res["fast_mxfp4"]
     rows = [("device", res["device"]),
             ("copy bandwidth (read+write)", f"{res['copy_bandwidth_TBps']} TB/s"),
@@ -349,6 +426,10 @@ def main() -> None:
                      f"{t['ttft_ms']} ms (greedy agreement with fast: {t['greedy_prefix_agreement_with_fast']}/"
                      f"{t['compared_tokens']})"))
         rows.append(("speed-up fast / transformers (decode)", f"{res['speedup_fast_vs_transformers']}x"))
+    finish(a, res, rows + format_rows(res))
+
+
+def finish(a, res: dict, rows: list[tuple[str, str]]) -> None:
     md = "| measure | value |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
     print(md)
     print(json.dumps(res, indent=2))

@@ -5,10 +5,26 @@ are the embedded model's dimensions with 2 layers, so every test exercises the r
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
 import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run tests marked slow (skipped by default; or set MXQ_RUN_SLOW=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (minutes, e.g. kernels in the Triton interpreter) are skipped unless asked for."""
+    if config.getoption("--runslow") or os.environ.get("MXQ_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow or MXQ_RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@
     out = fast_generate(model, input_ids, max_new_tokens=64)     # greedy; sets model.runtime_path
     out = fast_generate(model, input_ids, 64, do_sample=True, temperature=0.8, top_p=0.95)
 
-Triton kernels read the checkpoint's packed MXFP4 experts (or stacked bf16 experts) directly; the decode
+Triton kernels read the experts' packed bytes directly, in every mxq format (MXFP4 and bf16 checkpoints;
+nvfp4, nf4, nf4_dq, int4_*, fp8, fp8_block from a plan), mixed formats within a layer included; the decode
 step runs without host synchronisation and is replayed from one CUDA graph.
 """
 from __future__ import annotations

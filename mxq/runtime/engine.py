@@ -23,6 +23,7 @@ from torch import Tensor
 from ._common import INTERPRET, require_triton
 from .attn_kernels import advance, argmax_advance, embed_at, rmsnorm, rope_cache, sink_attention
 from .linear_kernels import linear_gemv
+from .fmt_kernels import FmtExperts, fmt_down_gemv, fmt_gate_up_gemv, fmt_moe_grouped
 from .moe_kernels import ExpertWeights, down_gemv, gate_up_gemv, moe_grouped, router_topk
 from .sampling import DeviceSampler, SamplingParams
 
@@ -30,34 +31,76 @@ from . import RUNTIME_PATH
 
 
 class UnsupportedModel(ValueError):
-    """The model cannot run on the fast path (experts not uniformly stacked MXFP4/bf16, dtype, device)."""
+    """The model cannot run on the fast path (experts not packed, a format without a kernel, dtype, device)."""
 
 
-def stacked_experts(experts, kind: str) -> ExpertWeights:
-    """The stacked [E, ...] tensors behind every expert of one kind, or ``UnsupportedModel``.
+_STACKED_NAMES = {"mxfp4": ("blocks", "scales"), "bf16": ("weight",)}
 
-    The fast path needs every expert of a layer to be a view of one stacked buffer in one format (a loaded
-    checkpoint); per-expert formats set by a plan (``set_expert``) are not supported yet.
-    """
-    from ..model.experts import PackedExperts
 
-    if not isinstance(experts, PackedExperts):
-        raise UnsupportedModel(f"fast path needs PackedExperts, got {type(experts).__name__}")
+def _uniform_stacked(experts, kind: str) -> ExpertWeights | None:
+    """``ExpertWeights`` when every expert of ``kind`` is a view of one stacked MXFP4 or bf16 buffer (a loaded
+    checkpoint), for ``moe_kernels``' kernels; else None."""
     fmt = experts.packed(kind, 0).format
-    names = {"mxfp4": ("blocks", "scales"), "bf16": ("weight",)}.get(fmt)
+    names = _STACKED_NAMES.get(fmt)
     if names is None:
-        raise UnsupportedModel(f"no fast-path kernel for {kind} experts in format {fmt!r}")
+        return None
     bufs = {n: getattr(experts, f"{kind}_{n}", None) for n in names}
     for e in range(experts.num_experts):
         p = experts.packed(kind, e)
         for n in names:
             b = bufs[n]
-            if p.format != fmt or b is None or b.dim() < 2 or p.tensors[n].data_ptr() != b[e].data_ptr():
-                raise UnsupportedModel(f"expert {e} {kind} is not a view of the stacked {fmt} buffer "
-                                       "(mixed per-expert formats are not supported by the fast path yet)")
+            if p.format != fmt or b is None or b.dim() < 2 or b.shape[0] != experts.num_experts or \
+                    p.tensors[n].data_ptr() != b[e].data_ptr():
+                return None
     out_f, in_f = (2 * experts.intermediate, experts.hidden) if kind == "gate_up" else \
         (experts.hidden, experts.intermediate)
     return ExpertWeights(fmt, {n: b.contiguous() for n, b in bufs.items()}, out_f, in_f)
+
+
+def _check_packed(experts) -> None:
+    from ..model.experts import PackedExperts
+
+    if not isinstance(experts, PackedExperts):
+        raise UnsupportedModel(f"fast path needs PackedExperts, got {type(experts).__name__}")
+
+
+def _fmt_experts(experts, kind: str) -> FmtExperts:
+    try:
+        return FmtExperts(experts, kind)
+    except ValueError as exc:
+        raise UnsupportedModel(str(exc)) from None
+
+
+def stacked_experts(experts, kind: str) -> ExpertWeights | FmtExperts:
+    """The kernels' weights for one kind of a layer's experts, or ``UnsupportedModel``.
+
+    ``ExpertWeights`` (``moe_kernels``' MXFP4/bf16 kernels) when every expert is a view of one stacked MXFP4 or
+    bf16 buffer (a loaded checkpoint); otherwise ``FmtExperts`` (``fmt_kernels``: every format, mixed formats
+    within the layer), which stacks the experts once per format and re-points the model's per-expert tensors
+    at views of the stacks (``FmtExperts``' docstring).
+    """
+    _check_packed(experts)
+    return _uniform_stacked(experts, kind) or _fmt_experts(experts, kind)
+
+
+def layer_experts(experts) -> tuple[ExpertWeights, ExpertWeights] | tuple[FmtExperts, FmtExperts]:
+    """(gate_up, down) weights of one layer: both ``ExpertWeights`` when both kinds are uniformly stacked
+    MXFP4/bf16, else both ``FmtExperts`` (the decode GEMVs and prefill GEMMs of one family pass x and y
+    between them in the same layout)."""
+    _check_packed(experts)
+    gu, dn = _uniform_stacked(experts, "gate_up"), _uniform_stacked(experts, "down")
+    if gu is not None and dn is not None:
+        return gu, dn
+    return _fmt_experts(experts, "gate_up"), _fmt_experts(experts, "down")
+
+
+def _format_summary(layers) -> str:
+    """"mxfp4", "nvfp4", ... when every expert of every layer is in one format, else "mixed(f1,f2,...)"."""
+    names: set[str] = set()
+    for L in layers:
+        for w in (L.gu, L.dn):
+            names |= set(getattr(w, "counts", {w.fmt: 1}))
+    return names.pop() if len(names) == 1 else "mixed(" + ",".join(sorted(names)) + ")"
 
 
 @dataclass
@@ -76,9 +119,9 @@ class _Layer:
     window: int
     wr: Tensor
     br: Tensor
-    gu: ExpertWeights
+    gu: ExpertWeights | FmtExperts
     gu_bias: Tensor
-    dn: ExpertWeights
+    dn: ExpertWeights | FmtExperts
     dn_bias: Tensor
 
 
@@ -126,14 +169,15 @@ class Runtime:
         for lyr in model.layers:
             at, mlp = lyr.self_attn, lyr.mlp
             ex = mlp.experts
+            gu, dn = layer_experts(ex)
             self.layers.append(_Layer(
                 lyr.input_layernorm.weight, lyr.post_attention_layernorm.weight,
                 at.q_proj.weight, at.q_proj.bias, at.k_proj.weight, at.k_proj.bias, at.v_proj.weight,
                 at.v_proj.bias, at.o_proj.weight, at.o_proj.bias, at.sinks, int(at.window or 0),
                 mlp.router.weight, mlp.router.bias,
-                stacked_experts(ex, "gate_up"), ex.gate_up_bias, stacked_experts(ex, "down"), ex.down_bias))
+                gu, ex.gate_up_bias, dn, ex.down_bias))
         self.alpha, self.limit = float(model.layers[0].mlp.experts.alpha), float(model.layers[0].mlp.experts.limit)
-        self.expert_format = self.layers[0].gu.fmt
+        self.expert_format = _format_summary(self.layers)
         self._state: DecodeState | None = None
 
     # ------------------------------------------------------------------------------------------- forward
@@ -156,11 +200,15 @@ class Runtime:
                 a = F.linear(o.view(n, -1), L.wo, L.bo)
                 x, h2 = rmsnorm(x, L.ln2, self.eps, delta=a)
             idx, wt = router_topk(h2, L.wr, L.br, self.top_k)
-            if decode:
+            if decode and isinstance(L.gu, FmtExperts):      # any format, one launch per format in the layer
+                y = fmt_gate_up_gemv(hs, idx, L.gu, L.gu_bias, self.alpha, self.limit)
+                z = fmt_down_gemv(y, idx, wt, L.dn, L.dn_bias)
+            elif decode:
                 y = gate_up_gemv(hs, idx, L.gu, L.gu_bias, self.alpha, self.limit, yperm=L.dn.fp4)
                 z = down_gemv(y, idx, wt, L.dn, L.dn_bias)
             else:
-                z = moe_grouped(h2, idx, wt, L.gu, L.gu_bias, L.dn, L.dn_bias, self.alpha, self.limit)
+                grouped = fmt_moe_grouped if isinstance(L.gu, FmtExperts) else moe_grouped
+                z = grouped(h2, idx, wt, L.gu, L.gu_bias, L.dn, L.dn_bias, self.alpha, self.limit)
             nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.model.norm.weight
             x, h = rmsnorm(x, nxt, self.eps, moe=z)
         return h
@@ -330,8 +378,9 @@ def _apply_eos(new: Tensor, eos_token_id) -> Tensor:
 
 
 def decode_bytes_per_token(model, context: int) -> dict:
-    """Bytes a batch-1 decode step must read at ``context`` keys: the k used experts per layer (packed bytes and
-    bias rows), attention and router weights, norms, the lm_head, one embedding row and the KV cache."""
+    """Bytes a batch-1 decode step must read at ``context`` keys: the k used experts per layer (packed bytes in
+    each expert's own format, scales included, and bias rows; the mean over the layer's experts), attention and
+    router weights, norms, the lm_head, one embedding row and the KV cache."""
     cfg = model.config
     k = cfg.num_experts_per_tok
     nb = lambda t: t.numel() * t.element_size()                               # noqa: E731
@@ -339,7 +388,10 @@ def decode_bytes_per_token(model, context: int) -> dict:
     for i, lyr in enumerate(model.layers):
         ex = lyr.mlp.experts
         e = ex.num_experts
-        experts += k * (ex.weight_nbytes() + nb(ex.gate_up_bias) + nb(ex.down_bias)) // e   # packed + bias rows
+        # mean packed bytes of one expert (its own format's tensors, scales included) + its bias rows; a stacked
+        # buffer whose experts were partly replaced by a plan is not counted for the replaced ones
+        packed = sum(ex.packed(kind, j).nbytes for kind in ex.KINDS for j in range(e))
+        experts += k * (packed + nb(ex.gate_up_bias) + nb(ex.down_bias)) // e
         at = lyr.self_attn
         attn += sum(nb(p) for p in at.parameters()) + nb(lyr.input_layernorm.weight) + \
             nb(lyr.post_attention_layernorm.weight)
