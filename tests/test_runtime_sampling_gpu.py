@@ -172,16 +172,17 @@ def test_speed_stage_measures_the_fast_runtime_on_cuda(tiny):
     assert ref["code_path"] == DEFAULT_PATH and "reference" in ref["fallback_reason"]
 
 
-def test_speed_stage_falls_back_for_several_formats_in_a_layer(make_ckpt):
+def test_speed_stage_runs_several_formats_in_a_layer_on_the_fast_path(make_ckpt):
+    """A layer whose experts are in two formats (a mixed plan) runs on the fmt_kernels of the fast runtime."""
     pytest.importorskip("triton")
     import mxq
-    from mxq.evaluate.metrics import DEFAULT_PATH
     from mxq.evaluate.speed import speed_report
     from mxq.plan import Plan, apply_
+    from mxq.runtime import RUNTIME_PATH
 
     model = mxq.load_model(make_ckpt("mxfp4", layers=2), device=DEV, dtype=torch.bfloat16)
     e = model.config.num_local_experts
     apply_(model, Plan([["nvfp4" if j % 2 else "mxfp4" for j in range(e)] for _ in range(2)]))
     rep = speed_report(model, {**SPEED, "modes": ["greedy"]}, progress=False)
-    assert rep["code_path"] == DEFAULT_PATH
-    assert rep["fallback_reason"].startswith("UnsupportedModel: ") and rep["decode_tokens_per_s"] > 0
+    assert rep["code_path"] == RUNTIME_PATH and rep["fallback_reason"] is None
+    assert rep["decode_tokens_per_s"] > 0
