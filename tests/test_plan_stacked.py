@@ -90,10 +90,11 @@ def test_mixed_formats_in_a_layer_stay_per_expert(make_ckpt):
     assert not any(stacked for _, stacked in ex._spec["gate_up"][0][3].values())
     # the kept MXFP4 experts own copies of their bytes: the source's stacked buffers are not held any more
     assert "gate_up_blocks" not in dict(ex.named_buffers())
-    from mxq.runtime import HAVE_TRITON, UnsupportedModel
+    from mxq.runtime import HAVE_TRITON
 
-    if HAVE_TRITON:              # what the speed stage records as its reason to fall back (mixed_budget)
+    if HAVE_TRITON:              # the fast runtime groups such a layer per format (fmt_kernels)
         from mxq.runtime import stacked_experts
+        from mxq.runtime.fmt_kernels import FmtExperts
 
-        with pytest.raises(UnsupportedModel):
-            stacked_experts(ex, "gate_up")
+        gu = stacked_experts(ex, "gate_up")
+        assert isinstance(gu, FmtExperts) and sorted(st.fmt for st in gu.stacks) == ["mxfp4", "nvfp4"]
