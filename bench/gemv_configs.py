@@ -3,6 +3,8 @@
 Autotuning can only pick among the configs it is given; this sweeps a wider grid (rows per program, groups per
 iteration, warps, stages), prints microseconds and achieved bandwidth per config, and the best per kernel, so the
 autotune lists in mxq/runtime/moe_kernels.py can be chosen from measurements.
+Each config is timed on the same weights launch after launch, so tensors that fit the 50 MB L2 (q/k/v, o_proj)
+read partly from L2: rank configs with it, do not read its TB/s as what a decode step gets.
 
     python bench/gemv_configs.py --experts mxfp4 --json out.json
 """
@@ -36,6 +38,25 @@ def time_us(fn, reps: int = 200) -> float:
     return start.elapsed_time(end) * 1e3 / (reps // 20 * 20)
 
 
+def sweep(name: str, kern, call, nbytes: int, grid, inner: str) -> list[dict]:
+    """Time ``call`` with each (warps, stages, BN, ``inner``) config of ``grid`` forced on ``kern``."""
+    from mxq.runtime._common import cfg, forced_config
+
+    rows = []
+    for w, st, bn, bk in grid:
+        try:
+            with forced_config((kern,), cfg(w, st, BN=bn, **{inner: bk})):
+                us = time_us(call)
+        except Exception as err:                      # noqa: BLE001 - resource limits of a config
+            print(name, w, st, bn, bk, "failed:", type(err).__name__, flush=True)
+            continue
+        row = {"warps": w, "stages": st, "BN": bn, inner: bk, "us": round(us, 2),
+               "TBps": round(nbytes / us / 1e6, 3)}
+        rows.append(row)
+        print(name, json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", default="mxfp4", choices=["mxfp4", "bf16"])
@@ -47,7 +68,6 @@ def main() -> None:
     from mxq.model.experts import PackedExperts
     from mxq.runtime import moe_kernels as M
     from mxq.runtime import stacked_experts
-    from mxq.runtime._common import cfg
 
     dev = "cuda"
     e, h, i, k = 32, 2880, 2880, 4
@@ -77,28 +97,12 @@ def main() -> None:
     space = ((4, 8), (2,), (4, 8, 16, 32), (4, 8, 16, 32)) if a.quick else \
         ((2, 4, 8), (1, 2, 3), (2, 4, 8, 16, 32), (4, 8, 16, 32))
     grid = [c for c in itertools.product(*space) if c[2] * c[3] <= 512]
-    results = {"gate_up": [], "down": []}
+    results = {}
     for name, kern, call, nbytes in (
             ("gate_up", M._gate_up_gemv_kernel,
              lambda: M.gate_up_gemv(xs, idx, gu, ex.gate_up_bias, 1.702, 7.0, yperm=dn.fp4), bytes_gu),
             ("down", M._down_gemv_kernel, lambda: M.down_gemv(y, idx, wt, dn, ex.down_bias), bytes_dn)):
-        saved = kern.configs
-        try:
-            for w, st, bn, bg in grid:
-                kern.configs = [cfg(w, st, BN=bn, BG=bg)]
-                kern.cache.clear()
-                try:
-                    us = time_us(call)
-                except Exception as err:                      # noqa: BLE001 - resource limits of a config
-                    print(name, w, st, bn, bg, "failed:", type(err).__name__, flush=True)
-                    continue
-                row = {"warps": w, "stages": st, "BN": bn, "BG": bg, "us": round(us, 2),
-                       "TBps": round(nbytes / us / 1e6, 3)}
-                results[name].append(row)
-                print(name, json.dumps(row), flush=True)
-        finally:
-            kern.configs = saved
-            kern.cache.clear()
+        results[name] = sweep(name, kern, call, nbytes, grid, "BG")
     from mxq.runtime import linear_kernels as LK
 
     hq = torch.randn(1, h, device=dev, generator=g).bfloat16()
@@ -111,25 +115,7 @@ def main() -> None:
                                           (128, 256, 512)) if c[2] * c[3] <= 8192]
     for name, call, nbytes in (("q_k_v", lambda: LK.linear_gemv(hq, qkv), 2 * h * 5120),
                                ("o_proj", lambda: LK.linear_gemv(ho, wo), 2 * h * 4096)):
-        results[name] = []
-        kern = LK._gemv3_kernel
-        saved = kern.configs
-        try:
-            for w, st, bn, bk in lgrid:
-                kern.configs = [cfg(w, st, BN=bn, BK=bk)]
-                kern.cache.clear()
-                try:
-                    us = time_us(call)
-                except Exception as err:                      # noqa: BLE001
-                    print(name, w, st, bn, bk, "failed:", type(err).__name__, flush=True)
-                    continue
-                row = {"warps": w, "stages": st, "BN": bn, "BK": bk, "us": round(us, 2),
-                       "TBps": round(nbytes / us / 1e6, 3)}
-                results[name].append(row)
-                print(name, json.dumps(row), flush=True)
-        finally:
-            kern.configs = saved
-            kern.cache.clear()
+        results[name] = sweep(name, LK._gemv3_kernel, call, nbytes, lgrid, "BK")
     best = {n: min(r, key=lambda x: x["us"]) for n, r in results.items() if r}
     print("best", json.dumps(best))
     if a.json:

@@ -365,6 +365,7 @@ def test_every_autotune_config_matches_reference(fmt):
     their shapes: force each config of each autotuned MoE kernel in turn."""
     from mxq.runtime import stacked_experts
     from mxq.runtime import moe_kernels as M
+    from mxq.runtime._common import forced_config
 
     ex = make_experts(8, H, I, fmt, seed=9)
     gu, dn = stacked_experts(ex, "gate_up"), stacked_experts(ex, "down")
@@ -378,12 +379,8 @@ def test_every_autotune_config_matches_reference(fmt):
                ("grouped", M._gate_up_grouped_kernel, M._down_grouped_kernel, M._GROUPED_CONFIGS)]
     # (the bf16 GEMV of linear_kernels is checked for its picked config in test_rmsnorm_and_linear_gemv)
     for name, k1, k2, configs in kernels:
-        saved = (k1.configs, k2.configs)
-        try:
-            for c in configs:
-                for kern in (k1, k2):
-                    kern.configs = [c]
-                    kern.cache.clear()
+        for c in configs:
+            with forced_config((k1, k2), c):
                 if name == "gemv":
                     y = M.gate_up_gemv(M.kernel_x(x[:n_dec], gu.fp4), idx[:n_dec], gu, ex.gate_up_bias, 1.702, 7.0,
                                        yperm=dn.fp4)
@@ -392,11 +389,7 @@ def test_every_autotune_config_matches_reference(fmt):
                 else:
                     z = M.moe_grouped(x, idx, wt, gu, ex.gate_up_bias, dn, ex.down_bias, 1.702, 7.0)
                     err = rel(z.sum(1), ref)
-                errs[f"{name} {c.kwargs} w{c.num_warps} s{c.num_stages}"] = round(err, 5)
-        finally:
-            for kern, cf in zip((k1, k2), saved):
-                kern.configs = cf
-                kern.cache.clear()
+            errs[f"{name} {c.kwargs} w{c.num_warps} s{c.num_stages}"] = round(err, 5)
     report("every_config", fmt=fmt, rel=errs)
     assert max(errs.values()) < 1.5e-2, errs
 
@@ -517,6 +510,7 @@ def test_fmt_every_autotune_config_matches_reference(fmt):
     from triton.runtime.errors import OutOfResources
 
     from mxq.runtime import fmt_kernels as FK
+    from mxq.runtime._common import forced_config
 
     ex = make_experts(8, H, I, fmt if fmt != "bf16" else ["bf16"] * 8, seed=9)
     gu, dn = FK.FmtExperts(ex, "gate_up"), FK.FmtExperts(ex, "down")
@@ -529,13 +523,9 @@ def test_fmt_every_autotune_config_matches_reference(fmt):
     kernels = [("gemv", FK._fmt_gate_up_gemv_kernel, FK._fmt_down_gemv_kernel, FK._FMT_GEMV_CONFIGS),
                ("grouped", FK._fmt_gate_up_grouped_kernel, FK._fmt_down_grouped_kernel, FK._FMT_GROUPED_CONFIGS)]
     for name, k1, k2, configs in kernels:
-        saved = (k1.configs, k2.configs)
-        try:
-            for c in configs:
-                for kern in (k1, k2):
-                    kern.configs = [c]
-                    kern.cache.clear()
-                try:
+        for c in configs:
+            try:
+                with forced_config((k1, k2), c):
                     if name == "gemv":
                         y = FK.fmt_gate_up_gemv(x[:n_dec].float(), idx[:n_dec], gu, ex.gate_up_bias, 1.702, 7.0)
                         z = FK.fmt_down_gemv(y, idx[:n_dec], wt[:n_dec], dn, ex.down_bias)
@@ -543,14 +533,10 @@ def test_fmt_every_autotune_config_matches_reference(fmt):
                     else:
                         z = FK.fmt_moe_grouped(x, idx, wt, gu, ex.gate_up_bias, dn, ex.down_bias, 1.702, 7.0)
                         err = rel(z.sum(1), ref)
-                except OutOfResources as exc:                         # autotuning skips such a config too
-                    oor[f"{name} {c.kwargs} w{c.num_warps} s{c.num_stages}"] = str(exc)
-                    continue
-                errs[f"{name} {c.kwargs} w{c.num_warps} s{c.num_stages}"] = round(err, 5)
-        finally:
-            for kern, cf in zip((k1, k2), saved):
-                kern.configs = cf
-                kern.cache.clear()
+            except OutOfResources as exc:                             # autotuning skips such a config too
+                oor[f"{name} {c.kwargs} w{c.num_warps} s{c.num_stages}"] = str(exc)
+                continue
+            errs[f"{name} {c.kwargs} w{c.num_warps} s{c.num_stages}"] = round(err, 5)
     report("fmt_every_config", fmt=fmt, rel=errs, out_of_resources=oor)
     assert max(v for k, v in errs.items() if k.startswith("gemv")) < gemv_tol([fmt]), errs
     assert max(v for k, v in errs.items() if k.startswith("grouped")) < 1.5e-2, errs

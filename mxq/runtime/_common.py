@@ -6,6 +6,7 @@ autotuning is skipped (each kernel's first config is used).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -50,6 +51,25 @@ def launch(kernel, grid, *args, **kw):
 
 def cfg(num_warps: int = 4, num_stages: int = 2, **kw):
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+@contextlib.contextmanager
+def forced_config(kernels, config):
+    """Run the ``autotune``-wrapped ``kernels`` with exactly ``config`` inside the block.
+
+    Autotuning only ever runs the config it picks for a shape key, so tests that must check every config,
+    and sweeps that time configs outside the list, force them one at a time; the kernels' own lists and fresh
+    tuning caches come back on exit. (GPU only: under the interpreter ``autotune`` returns the plain kernel.)"""
+    saved = [k.configs for k in kernels]
+    try:
+        for k in kernels:
+            k.configs = [config]
+            k.cache.clear()
+        yield
+    finally:
+        for k, c in zip(kernels, saved):
+            k.configs = c
+            k.cache.clear()
 
 
 def next_pow2(n: int) -> int:
