@@ -29,7 +29,7 @@ from safetensors import safe_open
 from ..config import ConfigError, GptOssConfig
 from ..formats import FormatError, Packed, get_format
 from .layout import check_tensors, hf_tensors
-from .safetensors_io import DTYPE_SIZES, CheckpointError, read_header, scan_folder
+from .safetensors_io import DTYPE_SIZES, CheckpointError, read_header, read_json, scan_folder
 
 MANIFEST = "mxq_manifest.json"
 LAYOUT_NAME, LAYOUT_VERSION = "mxq", 1
@@ -62,22 +62,13 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
 class MxqSource:
     """Validated, lazy view of an mxq-layout folder: ``dense(name)``, ``linear(name)``, ``expert(i, kind, e)``."""
 
     def __init__(self, folder: str | Path):
         self.folder = folder = Path(folder)
         self.tokenizer_dir = folder
-        self.manifest = m = _read_json(folder / MANIFEST)
+        self.manifest = m = read_json(folder / MANIFEST)
         if m.get("format") != LAYOUT_NAME or m.get("format_version") != LAYOUT_VERSION:
             raise CheckpointError(f"{folder / MANIFEST}: format {m.get('format')!r} version {m.get('format_version')!r}"
                                   f" is not supported (this mxq reads {LAYOUT_NAME!r} version {LAYOUT_VERSION})")
@@ -192,7 +183,7 @@ def _nbytes(info) -> int:
 def verify(folder: str | Path) -> None:
     """Check every file's SHA-256 against the manifest (a full read; loading checks sizes only)."""
     folder = Path(folder)
-    m = _read_json(folder / MANIFEST)
+    m = read_json(folder / MANIFEST)
     for name, info in (m.get("files") or {}).items():
         got = sha256(folder / name)
         if got != info.get("sha256"):

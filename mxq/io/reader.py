@@ -7,7 +7,6 @@ memory holds at most one tensor beyond what the model keeps (plus the OS page ca
 """
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from ..config import ConfigError, GptOssConfig
 from ..model import GptOssForCausalLM
 from ..model.rope import Rope
 from .layout import ORIGINAL_GLOBAL, ORIGINAL_TO_HF, check_tensors, hf_tensors, original_tensors
-from .safetensors_io import CheckpointError, TensorInfo, scan_folder
+from .safetensors_io import CheckpointError, TensorInfo, read_json, scan_folder
 
 NORM_SUFFIXES = ("layernorm.weight", "model.norm.weight")
 
@@ -32,15 +31,6 @@ class Checkpoint:
     config: GptOssConfig
     config_dict: dict
     tensors: dict[str, TensorInfo]
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -62,14 +52,14 @@ def open_checkpoint(source: str | Path, layout: str = "auto") -> Checkpoint:
     folder = resolve_source(source)
     if layout == "auto":
         if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
-            cfg_d = _read_json(folder / "config.json")
+            cfg_d = read_json(folder / "config.json")
             layout = "original" if "num_experts" in cfg_d and "num_local_experts" not in cfg_d else "hf"
         elif (folder / "original" / "config.json").exists():
             folder, layout = folder / "original", "original"
         else:
             raise CheckpointError(f"{folder}: no config.json with *.safetensors, and no original/ folder")
     cfg_path = folder / "config.json"
-    cfg_d = _read_json(cfg_path)
+    cfg_d = read_json(cfg_path)
     tensors = scan_folder(folder)
     try:
         if layout == "original":

@@ -19,6 +19,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded exactly; the message names the file and the tensor."""
 
 
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file, or a ``CheckpointError`` naming the file (missing, or not valid JSON)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str

@@ -12,7 +12,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -52,34 +52,48 @@ class AtomicFolder:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 prefix: str = "model") -> dict[str, str]:
+Unit = tuple[dict[str, torch.Tensor], dict[str, str]]
+SaveFn = Callable[[Path, dict[str, torch.Tensor], dict[str, str]], None]
+
+
+def _save_with_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def write_unit_shards(folder: Path, units: Iterable[Unit], shard_bytes: int = DEFAULT_SHARD_BYTES,
+                      prefix: str = "model", base_metadata: dict[str, str] | None = None,
+                      save: SaveFn = _save_with_safetensors) -> dict[str, str]:
     """Write sharded safetensors + ``{prefix}.safetensors.index.json``; returns the weight map.
 
-    Shards are named like transformers' ``save_pretrained`` (``model-00001-of-00003.safetensors``, or
-    ``model.safetensors`` when one shard suffices); loaders use the index, not the names (spec 1.1).
+    ``units`` are (tensors, metadata) groups that stay in one shard (a packed expert's named tensors); a shard's
+    header metadata is ``base_metadata`` plus its units' entries. Shards are named like transformers'
+    ``save_pretrained`` (``model-00001-of-00003.safetensors``, or ``model.safetensors`` when one shard
+    suffices); loaders use the index, not the names (spec 1.1). Each shard is written to a temporary name and
+    renamed once all are complete.
     """
     shards: list[list[str]] = []
     buf: dict[str, torch.Tensor] = {}
+    meta: dict[str, str] = {}
     size = total = 0
     seen: set[str] = set()
 
     def flush() -> None:
-        nonlocal buf, size
+        nonlocal buf, meta, size
         if buf:
-            save_file(buf, str(folder / f".shard-{len(shards)}.tmp"), metadata={"format": "pt"})
+            save(folder / f".shard-{len(shards)}.tmp", buf, {**(base_metadata or {"format": "pt"}), **meta})
             shards.append(list(buf))
-            buf, size = {}, 0
+            buf, meta, size = {}, {}, 0
 
-    for name, t in tensors:
-        if name in seen:
-            raise ValueError(f"tensor {name!r} written twice")
-        seen.add(name)
-        t = t.detach().to("cpu").contiguous()
-        nb = t.numel() * t.element_size()
+    for tensors, md in units:
+        nb = sum(t.numel() * t.element_size() for t in tensors.values())
         if buf and size + nb > shard_bytes:
             flush()
-        buf[name] = t
+        for k, t in tensors.items():
+            if k in seen:
+                raise ValueError(f"tensor {k!r} written twice")
+            seen.add(k)
+            buf[k] = t
+        meta.update(md)
         size += nb
         total += nb
     flush()
@@ -92,6 +106,13 @@ def write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], shar
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return weight_map
+
+
+def write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 prefix: str = "model") -> dict[str, str]:
+    """Plain tensors, one unit each, through ``write_unit_shards`` (header metadata ``{"format": "pt"}``)."""
+    units = (({name: t.detach().to("cpu").contiguous()}, {}) for name, t in tensors)
+    return write_unit_shards(folder, units, shard_bytes, prefix)
 
 
 def write_checkpoint(out_dir: str | Path, config: dict, tensors: Iterable[tuple[str, torch.Tensor]],

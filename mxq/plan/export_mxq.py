@@ -13,7 +13,6 @@ first, doubling the memory of a shard.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from .. import __version__
 from ..formats import Packed
 from ..io.export_hf import TOKENIZER_FILES, generation_config
 from ..io.mxq_layout import LAYOUT_NAME, LAYOUT_VERSION, MANIFEST, hf_guard_config, meta_value, sha256
-from ..io.writer import DEFAULT_SHARD_BYTES, AtomicFolder
+from ..io.writer import DEFAULT_SHARD_BYTES, AtomicFolder, write_unit_shards
 from .plan import Plan, _jsonable
 
 Item = tuple[str, "torch.Tensor | Packed"]
@@ -61,44 +60,11 @@ def _unit(name: str, obj) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def write_units(folder: Path, items: Iterable[Item], shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, str]:
-    """Write shards + ``model.safetensors.index.json``; returns the weight map (tensor -> file)."""
-    shards: list[list[str]] = []
-    buf: dict[str, torch.Tensor] = {}
-    meta: dict[str, str] = {}
-    size = total = 0
-    seen: set[str] = set()
-
-    def flush() -> None:
-        nonlocal buf, meta, size
-        if buf:
-            md = {"format": "pt", "mxq_layout_version": str(LAYOUT_VERSION), **meta}
-            save_safetensors(folder / f".shard-{len(shards)}.tmp", buf, md)
-            shards.append(list(buf))
-            buf, meta, size = {}, {}, 0
-
-    for name, obj in items:
-        tensors, md = _unit(name, obj)
-        nb = sum(t.numel() * t.element_size() for t in tensors.values())
-        if buf and size + nb > shard_bytes:
-            flush()
-        for k, t in tensors.items():
-            if k in seen:
-                raise ValueError(f"tensor {k!r} written twice")
-            seen.add(k)
-            buf[k] = t
-        meta.update(md)
-        size += nb
-        total += nb
-    flush()
-    n = len(shards)
-    weight_map: dict[str, str] = {}
-    for i, names in enumerate(shards):
-        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        os.rename(folder / f".shard-{i}.tmp", folder / fname)
-        weight_map.update({k: fname for k in names})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return weight_map
+    """Write shards + ``model.safetensors.index.json`` with mxq's deterministic safetensors writer and the layout
+    version in every header; returns the weight map (tensor -> file)."""
+    return write_unit_shards(folder, (_unit(name, obj) for name, obj in items), shard_bytes,
+                             base_metadata={"format": "pt", "mxq_layout_version": str(LAYOUT_VERSION)},
+                             save=save_safetensors)
 
 
 def write_mxq(src, plan: Plan, items: Iterable[Item], out_dir: str | Path, manifest_plan: Plan | None = None,
