@@ -40,13 +40,14 @@ def fp4_lut(device: torch.device, dtype: torch.dtype) -> Tensor:
     return _LUT_CACHE[key]
 
 
-def fp4_byte_lut(device: torch.device) -> Tensor:
-    """[256, 2] fp32: byte -> (value of the low nibble, value of the high nibble); one gather per byte."""
-    key = ("byte", torch.device(device), torch.float32)
+def fp4_byte_lut(device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """[256, 2]: byte -> (value of the low nibble, value of the high nibble); one gather per byte. The E2M1
+    values are exact in fp32 and bf16."""
+    key = ("byte", torch.device(device), dtype)
     if key not in _LUT_CACHE:
         lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
         b = torch.arange(256)
-        _LUT_CACHE[key] = torch.stack((lut[b & 0x0F], lut[b >> 4]), dim=-1).to(device)  # [256, 2]
+        _LUT_CACHE[key] = torch.stack((lut[b & 0x0F], lut[b >> 4]), dim=-1).to(device, dtype)  # [256, 2]
     return _LUT_CACHE[key]
 
 
@@ -134,7 +135,7 @@ def _dequantize_bf16(b: Tensor, s: Tensor, out: Tensor) -> Tensor:
     in bf16, so one bf16 multiply (computed exactly, rounded once) gives the same bits as the fp32 path's
     ldexp followed by a cast. About 3x less memory traffic than the fp32 path, which matters when the
     reference forward dequantizes every expert of every layer (calibration at 20b size on a GPU)."""
-    lut = fp4_byte_lut(b.device).to(torch.bfloat16)                   # [256, 2] (cached in fp32, cast: 1 KB)
+    lut = fp4_byte_lut(b.device, torch.bfloat16)                      # [256, 2]
     stab = _scale_table(b.device)                                     # [256]
     g = b.shape[1]
     for sl in row_chunks(b.shape[0], g * BLOCK):
