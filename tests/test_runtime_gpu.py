@@ -94,6 +94,24 @@ def ref_moe(ex, x, idx, wt):
     return out
 
 
+def greedy_prefix_vs_reference(model, name: str, steps: int = 16) -> list[int]:
+    """Greedy tokens of the fast path vs the reference ``generate`` (eager attention, whose bf16 rounding the
+    kernels reproduce) on two random 150-token rows: the length of the equal prefix per row, reported."""
+    import mxq
+    from mxq.runtime import disable, fast_generate
+
+    mxq.model.set_attention_impl(model, "eager")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, model.config.vocab_size, (2, 150), generator=g).to(DEV)
+    out = fast_generate(model, ids, steps)
+    disable(model)
+    ref = model.generate(ids, max_new_tokens=steps)
+    agree = [next((i for i, (x, y) in enumerate(zip(r1, r2)) if x != y), steps)
+             for r1, r2 in zip(out[:, 150:].tolist(), ref[:, 150:].tolist())]
+    report(name, prefix_equal=agree, steps=steps)
+    return agree
+
+
 H, I, E, K = 2880, 2880, 32, 4           # gpt-oss-20b
 
 
@@ -343,20 +361,9 @@ def test_fast_path_matches_reference_model(ckpt_20b, experts):
 
 def test_tiny_model_greedy_equal(make_ckpt):
     import mxq
-    from mxq.runtime import disable, fast_generate
 
-    path = make_ckpt("mxfp4", layers=4)
-    model = mxq.load_model(path, device=DEV, dtype=torch.bfloat16)
-    mxq.model.set_attention_impl(model, "eager")         # the kernels reproduce the eager bf16 rounding
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(2, model.config.vocab_size, (2, 150), generator=g).to(DEV)
-    out = fast_generate(model, ids, 16)
-    disable(model)
-    ref = model.generate(ids, max_new_tokens=16)
-    agree = [next((i for i, (x, y) in enumerate(zip(r1, r2)) if x != y), 16)
-             for r1, r2 in zip(out[:, 150:].tolist(), ref[:, 150:].tolist())]
-    report("tiny_greedy", prefix_equal=agree, steps=16)
-    assert min(agree) >= 8
+    model = mxq.load_model(make_ckpt("mxfp4", layers=4), device=DEV, dtype=torch.bfloat16)
+    assert min(greedy_prefix_vs_reference(model, "tiny_greedy")) >= 8
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "bf16"])
@@ -611,20 +618,10 @@ def test_fast_path_mixed_plan_model(ckpt_20b):
 def test_tiny_model_mixed_plan_greedy_equal(make_ckpt):
     import mxq
     from mxq.plan import apply_
-    from mxq.runtime import disable, fast_generate
 
-    path = make_ckpt("mxfp4", layers=4)
-    model = mxq.load_model(path, device=DEV, dtype=torch.bfloat16)
+    model = mxq.load_model(make_ckpt("mxfp4", layers=4), device=DEV, dtype=torch.bfloat16)
     apply_(model, mixed_plan(model))
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(2, model.config.vocab_size, (2, 150), generator=g).to(DEV)
-    out = fast_generate(model, ids, 16)
-    disable(model)
-    ref = model.generate(ids, max_new_tokens=16)
-    agree = [next((i for i, (x, y) in enumerate(zip(r1, r2)) if x != y), 16)
-             for r1, r2 in zip(out[:, 150:].tolist(), ref[:, 150:].tolist())]
-    report("fmt_tiny_mixed_plan_greedy", prefix_equal=agree, steps=16)
-    assert min(agree) >= 8
+    assert min(greedy_prefix_vs_reference(model, "fmt_tiny_mixed_plan_greedy")) >= 8
 
 
 def test_fp4_asm_decode_equals_reference_decode():
