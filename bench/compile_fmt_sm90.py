@@ -134,7 +134,8 @@ def compile_one(kernel: str, fmt: str, conf, st: FK.FmtStack) -> dict:
     if m:
         res.update(regs=int(m.group(1)), stack_bytes=int(m.group(2)))          # stack > 0: register spills
     ptx = k.asm["ptx"]
-    res.update(shared_bytes=k.metadata.shared, wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"))
+    res.update(shared_bytes=k.metadata.shared, wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
+               cp_async=ptx.count("cp.async.c"))         # > 0: the loop is software-pipelined
     return res
 
 

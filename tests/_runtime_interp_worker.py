@@ -5,6 +5,7 @@ any kernel module is imported, so these checks cannot share a process with GPU t
 
     TRITON_INTERPRET=1 python tests/_runtime_interp_worker.py decoders nvfp4,int4_g128
     TRITON_INTERPRET=1 python tests/_runtime_interp_worker.py moe|mixed|model [formats]
+    TRITON_INTERPRET=1 python tests/_runtime_interp_worker.py stacked [mxfp4,bf16]   (moe_kernels)
 
 Prints one JSON object per line: {"check": ..., "fmt": ..., measured errors...}.
 Shapes are small but ragged where gpt-oss's are: H = 320 (2.5 x 128), I = 192 (1.5 x 128), so int4_g128's
@@ -91,7 +92,7 @@ def _rows_probe(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, out_ptr, OUT,
     rows = tl.program_id(0) * R + tl.arange(0, R)
     rm = rows < OUT
     acc = FK._fmt_rows_dot(x_ptr, w_ptr + j * s_we, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, j, rows, rm, WPR, WPR, s_wr,
-                           s_se, s_sr, s_sg, s_ne, FMT, EPW, GW, SROW, ASYM, R, BW)
+                           s_se, s_sr, s_sg, s_ne, FMT, EPW, GW, SROW, ASYM, R, BW, 2)
     tl.store(out_ptr + rows, acc, mask=rm)
 
 
@@ -203,6 +204,46 @@ def check_mixed(_fmt: str = "") -> dict:
     return res
 
 
+def check_stacked(fmt: str) -> dict:
+    """``moe_kernels`` (a checkpoint's stacked MXFP4 or bf16 experts): decode GEMVs in the ``xperm`` layout
+    and the grouped prefill against the reference, every autotune config of the GEMVs."""
+    from mxq.formats.mxfp4 import quantize_mxfp4
+    from mxq.runtime import moe_kernels as M
+    from mxq.runtime.engine import layer_experts
+
+    t0 = time.perf_counter()
+    e_n, k, n_dec, n_pre = 8, 4, 3, 20
+    ex = PackedExperts(e_n, H, I, 1.702, 7.0)
+    for kind, shape in (("gate_up", (2 * I, H)), ("down", (H, I))):
+        w = weights((e_n, *shape), 5 + len(kind))
+        if fmt == "mxfp4":
+            b, s = quantize_mxfp4(w)
+            ex.set_stacked(kind, "mxfp4", {"blocks": b, "scales": s}, {"axis": 1, "block": 32})
+        else:
+            ex.set_stacked(kind, "bf16", {"weight": w.bfloat16()}, {})
+    g = torch.Generator().manual_seed(3)
+    ex.gate_up_bias.data = (torch.randn(e_n, 2 * I, generator=g) * 0.5).bfloat16()
+    ex.down_bias.data = (torch.randn(e_n, H, generator=g) * 0.1).bfloat16()
+    gu, dn = layer_experts(ex)
+    assert isinstance(gu, M.ExpertWeights), type(gu)
+    x = torch.randn(n_pre, H, generator=g).bfloat16()
+    idx, wt = routing(n_pre, e_n, k, 4)
+    ref = ref_moe(ex, x, idx, wt)
+    res = {"check": "stacked", "fmt": fmt, "decode_rel": {}}
+    for c in M._GEMV_CONFIGS:                  # the interpreter runs whichever config the kernel is given
+        meta = dict(c.kwargs)
+        for kern in (M._gate_up_gemv_kernel, M._down_gemv_kernel):
+            kern._mxq_default = meta
+        y = M.gate_up_gemv(M.kernel_x(x[:n_dec], gu.fp4), idx[:n_dec], gu, ex.gate_up_bias, 1.702, 7.0,
+                           yperm=dn.fp4)
+        z = M.down_gemv(y, idx[:n_dec], wt[:n_dec], dn, ex.down_bias)
+        res["decode_rel"][str(meta)] = rel(z.sum(1), ref[:n_dec])
+    zg = M.moe_grouped(x, idx, wt, gu, ex.gate_up_bias, dn, ex.down_bias, 1.702, 7.0)
+    res["grouped_rel"] = rel(zg.sum(1), ref)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
 # ----------------------------------------------------------------------------------------------- whole model
 
 
@@ -248,12 +289,15 @@ def check_model(_fmt: str = "") -> dict:
             "greedy_prefix_equal": agree, "steps": steps, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-CHECKS = {"decoders": check_decoders, "moe": check_moe, "mixed": check_mixed, "model": check_model}
+CHECKS = {"decoders": check_decoders, "moe": check_moe, "mixed": check_mixed, "model": check_model,
+          "stacked": check_stacked}
 
 if __name__ == "__main__":
     check = sys.argv[1]
     fmts = sys.argv[2].split(",") if len(sys.argv) > 2 and sys.argv[2] else ALL
-    for f in (fmts if check in ("decoders", "moe") else [""]):
+    if check == "stacked" and fmts == ALL:
+        fmts = ["mxfp4", "bf16"]
+    for f in (fmts if check in ("decoders", "moe", "stacked") else [""]):
         try:
             emit(**CHECKS[check](f))
         except Exception as exc:                                          # report, keep going

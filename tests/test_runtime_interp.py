@@ -8,7 +8,8 @@ the worker applies ``mxq.runtime.interp_patch`` (numpy 2.x gaps of the interpret
   ``dequantize(bf16)`` bit for bit and the decode GEMV's dot is within 1e-5 of an fp64 matmul of
   ``dequantize(fp32)``, on a 320 x 320 weight with ragged groups/blocks, a zero block, an outlier row and a
   tiny row, for the third expert of a stack.
-* ``slow`` (skipped unless ``--runslow`` or MXQ_RUN_SLOW=1; minutes): a MoE layer per format and a mixed-format
+* ``slow`` (skipped unless ``--runslow`` or MXQ_RUN_SLOW=1; minutes): moe_kernels on stacked MXFP4 and bf16 experts
+  (every decode GEMV config), a MoE layer per format and a mixed-format
   layer against ``PackedExperts.expert_forward`` (relative L2 < 1e-2: both round the same intermediates to
   bf16; the GEMV keeps fp32 weights where the reference rounds them to bf16), and a tiny model with a plan
   using every format and pruning, fast path against the reference model.
@@ -78,3 +79,14 @@ def test_tiny_model_mixed_plan():
     assert "error" not in r, r
     assert sorted(r["formats"]) == all_formats()
     assert r["logits_rel"] < 5e-2 and r["top1_equal"] == 1.0 and r["greedy_prefix_equal"] == r["steps"], r
+
+
+@pytest.mark.slow
+def test_stacked_mxfp4_and_bf16_every_gemv_config():
+    """moe_kernels (a checkpoint's stacked experts): the MXFP4 GEMVs read x in the ``xperm`` layout; every
+    autotune config of the decode GEMVs, and the grouped prefill, against the reference (~6 min)."""
+    res = run_worker("stacked")
+    assert sorted(res) == ["bf16", "mxfp4"]
+    for fmt, r in res.items():
+        assert "error" not in r, r
+        assert max(r["decode_rel"].values()) < 1e-2 and r["grouped_rel"] < 1e-2, r

@@ -72,6 +72,13 @@ def forced_config(kernels, config):
             k.cache.clear()
 
 
+def xperm_index(n: int, device=None) -> torch.Tensor:
+    """perm[i] = position of element i in the MXFP4 GEMV's x layout (``xperm``: 8w + n -> 4n + w per 32)."""
+    i = torch.arange(n, device=device)
+    j = i % 32
+    return i - j + (j % 8) * 4 + j // 8
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -152,6 +159,38 @@ if HAVE_TRITON:
         else:
             return (fp4q(w, 0), fp4q(w, 4), fp4q(w >> 8, 0), fp4q(w >> 8, 4), fp4q(w >> 16, 0),
                     fp4q(w >> 16, 4), fp4q(w >> 24, 0), fp4q(w >> 24, 4))
+
+    @triton.jit
+    def xperm(offs):
+        """Position of element ``offs`` in the MXFP4 GEMV's x layout: within each block of 32, element 8w + n
+        (nibble n of the block's int32 word w) is stored at 4n + w. The GEMV then loads, for each n, the x of
+        the 4 words of a group as one 16-byte vector, in the same register layout as the 4 weight words (a
+        [BG, 4] tile like the words' [R, BG, 4]): no layout conversion through shared memory, and x is read
+        once per weight with a multiply-add chain per word."""
+        j = offs % 32
+        return offs - j + (j % 8) * 4 + j // 8
+
+    @triton.jit
+    def x_parts(xv, NG: tl.constexpr, GW: tl.constexpr, EPW: tl.constexpr):
+        """The x tile [NG, GW, EPW] (x[EPW w + n] at [.., n]) as a tuple of EPW tensors [NG, GW], element n of
+        every word at index n, by ``tl.split`` (free register renaming: the split axes are within a thread)."""
+        if EPW == 8:
+            e, o = tl.split(tl.reshape(xv, (NG, GW, 2, 2, 2)))                     # n % 2
+            e0, e1 = tl.split(e)
+            o0, o1 = tl.split(o)                                                    # n // 2 % 2
+            x0, x4 = tl.split(e0)
+            x2, x6 = tl.split(e1)
+            x1, x5 = tl.split(o0)
+            x3, x7 = tl.split(o1)                                                   # n // 4
+            return x0, x1, x2, x3, x4, x5, x6, x7
+        elif EPW == 4:
+            e, o = tl.split(tl.reshape(xv, (NG, GW, 2, 2)))
+            x0, x2 = tl.split(e)
+            x1, x3 = tl.split(o)
+            return x0, x1, x2, x3
+        else:
+            x0, x1 = tl.split(xv)
+            return x0, x1
 
     @triton.jit
     def e8m0_x4(s):

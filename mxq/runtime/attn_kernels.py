@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import INTERPRET, bf16r, mma, next_pow2, tl, triton
+from ._common import INTERPRET, bf16r, mma, next_pow2, tl, triton, xperm
 
 # ----------------------------------------------------------------------------------------------- RMSNorm
 
@@ -35,9 +35,8 @@ def _rmsnorm_kernel(x_ptr, d_ptr, xo_ptr, h_ptr, hs_ptr, w_ptr, H, eps,
     tl.store(h_ptr + row * H + offs, h, mask=m)
     if HS == 1:                                    # fp32 copy for the bf16-expert GEMV
         tl.store(hs_ptr + row * H + offs, h.to(tl.float32), mask=m)
-    if HS == 2:                                    # fp32 copy in the MXFP4 GEMV's order (evens, odds per 32)
-        tl.store(hs_ptr + row * H + (offs // 32) * 32 + (offs % 2) * 16 + (offs % 32) // 2, h.to(tl.float32),
-                 mask=m)
+    if HS == 2:                                    # fp32 copy in the MXFP4 GEMV's order (``xperm``)
+        tl.store(hs_ptr + row * H + xperm(offs), h.to(tl.float32), mask=m)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None,

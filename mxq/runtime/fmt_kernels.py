@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import INTERPRET, autotune, bf16r, cfg, e8m0_x4, launch, mma, swiglu, tl, triton
+from ._common import INTERPRET, autotune, bf16r, cfg, e8m0_x4, launch, mma, swiglu, tl, triton, x_parts
 from .moe_kernels import GROUP_BM, expert_tiles
 
 # format name -> (kernel code, elements per 32-bit word, elements per scale group)
@@ -145,14 +145,18 @@ def _group_scale(s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, j, rows, rm, gi, gm, s_se,
 @triton.jit
 def _fmt_rows_dot(x_row, w_e, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, j, rows, rm, w_end, WPR, s_wr, s_se, s_sr,
                   s_sg, s_ne, FMT: tl.constexpr, EPW: tl.constexpr, GW: tl.constexpr, SROW: tl.constexpr,
-                  ASYM: tl.constexpr, R: tl.constexpr, BW: tl.constexpr):
-    """acc[r] = sum_k x[k] W[rows[r], k] for stacked expert ``j`` (``w_e`` points at it); x fp32, plain order."""
+                  ASYM: tl.constexpr, R: tl.constexpr, BW: tl.constexpr, NS: tl.constexpr):
+    """acc[r] = sum_k x[k] W[rows[r], k] for stacked expert ``j`` (``w_e`` points at it); x fp32, plain order.
+
+    Pipelined over NS stages (``tl.range``; a plain ``range`` loop is not pipelined for loads that do not
+    feed ``tl.dot``, see ``moe_kernels._rows_dot_fp4``); the x tile is one contiguous load per iteration."""
     NG: tl.constexpr = BW // GW
     offs_g = tl.arange(0, NG)
     offs_w = tl.arange(0, GW)
+    offs_n = tl.arange(0, EPW)
     acc = tl.zeros([R, NG], dtype=tl.float32)
     wrow = w_e + rows[:, None, None].to(tl.int64) * s_wr
-    for w0 in range(0, w_end, BW):
+    for w0 in tl.range(0, w_end, BW, num_stages=NS):
         gi = w0 // GW + offs_g                                                  # scale groups [NG]
         wi = gi[:, None] * GW + offs_w[None, :]                                 # words [NG, GW]
         wm = wi < WPR
@@ -160,10 +164,11 @@ def _fmt_rows_dot(x_row, w_e, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, j, rows, rm, 
         sc, zf = _group_scale(s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, j, rows, rm, gi, gi * GW < WPR, s_se, s_sr,
                               s_sg, s_ne, FMT, SROW, ASYM)
         z3 = zf[:, :, None]
+        xs = x_parts(tl.load(x_row + wi[:, :, None] * EPW + offs_n[None, None, :], mask=wm[:, :, None],
+                              other=0.0), NG, GW, EPW)                          # EPW x [NG, GW]
         part = tl.zeros([R, NG, GW], dtype=tl.float32)
         for n in tl.static_range(EPW):
-            xv = tl.load(x_row + wi * EPW + n, mask=wm, other=0.0)              # x[8w + n] [NG, GW]
-            part += _elem(c, n, z3, lut_ptr, FMT) * xv[None, :, :]
+            part += _elem(c, n, z3, lut_ptr, FMT) * xs[n][None, :, :]
         acc += tl.sum(part, axis=2) * sc
     return tl.sum(acc, axis=1)
 
@@ -212,10 +217,13 @@ def _fmt_w_tile(w_e, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, j, cols, cm, w0, WPR, 
 
 # ----------------------------------------------------------------------------------------------- decode GEMV
 
-# Every config compiles for sm_90 without spills and within 227 KB of shared memory for every format
+
+# Every config compiles for sm_90 within 227 KB of shared memory for every format, without spills except an 8-byte
+# stack for int4_g128_asym at BN = 16 / BW = 64
 # (bench/compile_fmt_sm90.py); BN = 32 / BW = 64 spilled for NF4 and is used only by the interpreter (below).
-_FMT_GEMV_CONFIGS = [cfg(4, 2, BN=8, BW=32), cfg(4, 2, BN=4, BW=64), cfg(4, 2, BN=16, BW=32),
-                     cfg(8, 2, BN=16, BW=64), cfg(2, 2, BN=4, BW=32), cfg(4, 2, BN=8, BW=64)]
+_FMT_GEMV_CONFIGS = [cfg(4, 2, BN=8, BW=32, NS=3), cfg(4, 2, BN=4, BW=64, NS=3), cfg(4, 2, BN=16, BW=32, NS=3),
+                     cfg(4, 2, BN=8, BW=32, NS=1),     # NF4: pipelining turns its table gathers into cp.async
+                     cfg(8, 2, BN=16, BW=64, NS=3), cfg(2, 2, BN=4, BW=32, NS=4), cfg(4, 2, BN=8, BW=64, NS=4)]
 _GEMV_KEY = ["P", "K", "FMT", "GW", "SROW", "ASYM"]
 
 
@@ -224,7 +232,8 @@ _GEMV_KEY = ["P", "K", "FMT", "GW", "SROW", "ASYM"]
 def _fmt_gate_up_gemv_kernel(x_ptr, idx_ptr, slot_ptr, sidx_ptr, slot, w_ptr, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr,
                              bias_ptr, y_ptr, P, K, I, WPR, s_we, s_wr, s_se, s_sr, s_sg, s_ne, alpha, limit,
                              TOPK: tl.constexpr, FMT: tl.constexpr, EPW: tl.constexpr, GW: tl.constexpr,
-                             SROW: tl.constexpr, ASYM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+                             SROW: tl.constexpr, ASYM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
+                             NS: tl.constexpr):
     p = tl.program_id(0)
     nb = tl.program_id(1)
     t = (p // TOPK).to(tl.int64)
@@ -235,7 +244,7 @@ def _fmt_gate_up_gemv_kernel(x_ptr, idx_ptr, slot_ptr, sidx_ptr, slot, w_ptr, s_
     rm = (rows < 2 * I) & mine
     acc = _fmt_rows_dot(x_ptr + t * K, w_ptr + j * s_we, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, j, rows, rm,
                         tl.where(mine, WPR, 0), WPR, s_wr, s_se, s_sr, s_sg, s_ne, FMT, EPW, GW, SROW, ASYM,
-                        2 * BN, BW)
+                        2 * BN, BW, NS)
     bias = tl.load(bias_ptr + e.to(tl.int64) * (2 * I) + rows, mask=rm, other=0.0).to(tl.float32)
     a = bf16r(bf16r(acc) + bias)
     a_g, a_u = tl.split(tl.reshape(a, (BN, 2)))
@@ -249,7 +258,7 @@ def _fmt_gate_up_gemv_kernel(x_ptr, idx_ptr, slot_ptr, sidx_ptr, slot, w_ptr, s_
 def _fmt_down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, slot_ptr, sidx_ptr, slot, w_ptr, s_ptr, z_ptr, g_ptr, n_ptr,
                           lut_ptr, bias_ptr, z_out, P, K, H, WPR, s_we, s_wr, s_se, s_sr, s_sg, s_ne,
                           FMT: tl.constexpr, EPW: tl.constexpr, GW: tl.constexpr, SROW: tl.constexpr,
-                          ASYM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+                          ASYM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, NS: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     e = tl.load(idx_ptr + p)
@@ -259,7 +268,8 @@ def _fmt_down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, slot_ptr, sidx_ptr, slot, w_pt
     rm = (rows < H) & mine
     gw = tl.load(wt_ptr + p)
     acc = _fmt_rows_dot(y_ptr + p * K, w_ptr + j * s_we, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, j, rows, rm,
-                        tl.where(mine, WPR, 0), WPR, s_wr, s_se, s_sr, s_sg, s_ne, FMT, EPW, GW, SROW, ASYM, BN, BW)
+                        tl.where(mine, WPR, 0), WPR, s_wr, s_se, s_sr, s_sg, s_ne, FMT, EPW, GW, SROW, ASYM, BN, BW,
+                        NS)
     bias = tl.load(bias_ptr + e.to(tl.int64) * H + rows, mask=rm, other=0.0).to(tl.float32)
     tl.store(z_out + p * H + rows, gw * bf16r(bf16r(acc) + bias), mask=rm)
 
@@ -357,7 +367,7 @@ def _fmt_down_grouped_kernel(y_ptr, order_ptr, wt_ptr, te_ptr, ts_ptr, tn_ptr, s
 
 if INTERPRET:   # the interpreter runs one config per kernel (``_common.autotune``): large tiles, few programs
     for _k in (_fmt_gate_up_gemv_kernel, _fmt_down_gemv_kernel):
-        _k._mxq_default = dict(BN=32, BW=64)
+        _k._mxq_default = dict(BN=32, BW=64, NS=2)
     for _k in (_fmt_gate_up_grouped_kernel, _fmt_down_grouped_kernel):
         _k._mxq_default = dict(BN=64, BK=256)
 

@@ -9,15 +9,17 @@ import torch
 
 from ._common import autotune, cfg, launch, tl, triton
 
-_CONFIGS = [cfg(4, 2, BN=16, BK=256), cfg(4, 2, BN=8, BK=512), cfg(4, 2, BN=4, BK=512), cfg(8, 2, BN=16, BK=512),
-            cfg(4, 3, BN=32, BK=128), cfg(2, 2, BN=4, BK=256),
-            cfg(4, 2, BN=4, BK=256), cfg(2, 2, BN=4, BK=512), cfg(8, 2, BN=8, BK=128)]
+# NS: stages of the K loop's software pipeline (``tl.range``; a plain ``range`` loop is not pipelined for loads
+# that do not feed ``tl.dot``: see ``moe_kernels._rows_dot_fp4``); NS = 1 is the unpipelined loop.
+_CONFIGS = [cfg(4, 2, BN=16, BK=256, NS=3), cfg(4, 2, BN=8, BK=512, NS=3), cfg(4, 2, BN=4, BK=512, NS=3),
+            cfg(8, 2, BN=16, BK=512, NS=3), cfg(4, 2, BN=32, BK=128, NS=4), cfg(2, 2, BN=4, BK=256, NS=4),
+            cfg(4, 2, BN=8, BK=256, NS=4), cfg(4, 2, BN=8, BK=512, NS=1), cfg(8, 2, BN=8, BK=128, NS=3)]
 
 
 @autotune(_CONFIGS, key=["K", "NMAX", "NT"])
 @triton.jit
 def _gemv3_kernel(x_ptr, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, K, NMAX, NT,
-                  BN: tl.constexpr, BK: tl.constexpr):
+                  BN: tl.constexpr, BK: tl.constexpr, NS: tl.constexpr):
     rb = tl.program_id(0)
     which = tl.program_id(1)
     t = tl.program_id(2).to(tl.int64)
@@ -31,7 +33,7 @@ def _gemv3_kernel(x_ptr, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, K, NMAX
     rm = rows < n
     k_end = tl.where(rb * BN < n, K, 0)
     acc = tl.zeros([BN, BK], dtype=tl.float32)
-    for k0 in range(0, k_end, BK):
+    for k0 in tl.range(0, k_end, BK, num_stages=NS):
         kk = k0 + tl.arange(0, BK)
         km = kk < K
         xv = tl.load(x_ptr + t * K + kk, mask=km, other=0.0).to(tl.float32)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ._common import (INTERPRET, autotune, bf16r, cfg, e8m0_x4, FP4_ASM, fp4q, fp4x8, launch, mma, next_pow2, swiglu, tl,
-                      triton)
+                      triton, xperm, xperm_index)
 
 # ----------------------------------------------------------------------------------------------- router
 
@@ -80,55 +80,69 @@ def router_topk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, top_k: int) -
 
 
 @triton.jit
-def _rows_dot_fp4(x_row, blk, scl, rows, rmask, G, s_row, s_srow, R: tl.constexpr, BG: tl.constexpr):
-    """acc[r] = sum_k x[k] * W[rows[r], k] for one MXFP4 expert (``blk``/``scl`` point at the expert).
+def _rows_dot_fp4(x_row, blk, scl, rows, rmask, G, s_row, s_srow, R: tl.constexpr, BG: tl.constexpr,
+                  NS: tl.constexpr):
+    """acc[r] = sum_k x[k] W[rows[r], k] for one MXFP4 expert (``blk``/``scl`` point at the expert).
 
-    ``x_row``: fp32, each 32-block stored even elements first, then odd ones (``xperm``). The 16 bytes of a
-    block are read as 4 int32 words; nibble 2i / 2i+1 of word w is element 2(4w+i) / 2(4w+i)+1 of the block,
-    i.e. xperm position 4w+i / 16+4w+i."""
+    ``x_row``: fp32 in ``xperm`` order. Each iteration covers BG scale groups: the 16 bytes of a group are 4
+    int32 words, word w holding elements 8w + n (nibble n, low nibble first); ``fp4x8`` decodes a word to 8
+    tensors [R, BG, 4], each multiplied by the x tile [BG, 4] of its nibble (one 16-byte load per group, laid
+    out like the words by ``xperm``) in one multiply-add chain per word.
+
+    ``NS`` (``tl.range(num_stages=NS)``): NS > 1 software-pipelines the weight loads through ``cp.async``.
+    A plain ``range`` loop is never pipelined for loads that do not feed ``tl.dot`` (sm_90 SASS: one 16-byte
+    load per thread in flight whatever the config's ``num_stages``); measured with weights cold in L2
+    (bench/gemv_configs.py), NS = 1 was still the fastest for these kernels on an H100, which points at
+    instruction issue (about 7 SASS instructions per weight, most of them the FP4 decode), not load latency.
+    The scale bytes are prefetched one iteration ahead in registers."""
     offs_g = tl.arange(0, BG)
     offs_w = tl.arange(0, 4)
     blk32 = blk.to(tl.pointer_type(tl.int32))
+    wrow = blk32 + rows[:, None, None].to(tl.int64) * (s_row // 4) + offs_w[None, None, :]
+    sp = scl + rows[:, None].to(tl.int64) * s_srow + offs_g[None, :]
+    s_next = tl.load(sp, mask=rmask[:, None] & (offs_g < G)[None, :], other=0)
     acc = tl.zeros([R, BG], dtype=tl.float32)
-    for g0 in range(0, G, BG):
+    for g0 in tl.range(0, G, BG, num_stages=NS):
         gg = g0 + offs_g
         gm = gg < G
-        xb = x_row + gg[:, None] * 32 + offs_w[None, :] * 4                  # [BG, 4]: xperm index 4w
+        wd = tl.load(wrow + gg[None, :, None] * 4, mask=rmask[:, None, None] & gm[None, :, None],
+                     other=0)                                                   # [R, BG, 4] int32 words
+        s = e8m0_x4(s_next)                                                     # [R, BG]
+        s_next = tl.load(sp + g0 + BG, mask=rmask[:, None] & (gg + BG < G)[None, :], other=0)
+        xb = x_row + gg[:, None] * 32 + offs_w[None, :]                         # [BG, 4]: x of nibble 0
         xm = gm[:, None]
-        m2 = rmask[:, None] & gm[None, :]
-        wd = tl.load(blk32 + rows[:, None, None] * (s_row // 4) + gg[None, :, None] * 4 + offs_w[None, None, :],
-                     mask=m2[:, :, None], other=0)                             # [R, BG, 4] int32 words
-        s = e8m0_x4(tl.load(scl + rows[:, None] * s_srow + gg[None, :], mask=m2, other=0))
         f0, f1, f2, f3, f4, f5, f6, f7 = fp4x8(wd, FP4_ASM)
-        part = f0 * tl.load(xb, mask=xm, other=0.0)[None] + f1 * tl.load(xb + 16, mask=xm, other=0.0)[None]
-        part += f2 * tl.load(xb + 1, mask=xm, other=0.0)[None] + f3 * tl.load(xb + 17, mask=xm, other=0.0)[None]
-        part += f4 * tl.load(xb + 2, mask=xm, other=0.0)[None] + f5 * tl.load(xb + 18, mask=xm, other=0.0)[None]
-        part += f6 * tl.load(xb + 3, mask=xm, other=0.0)[None] + f7 * tl.load(xb + 19, mask=xm, other=0.0)[None]
+        part = f0 * tl.load(xb, mask=xm, other=0.0)[None]                      # [R, BG, 4]
+        part += f1 * tl.load(xb + 4, mask=xm, other=0.0)[None]                 # a strict chain: one FMA each
+        part += f2 * tl.load(xb + 8, mask=xm, other=0.0)[None]
+        part += f3 * tl.load(xb + 12, mask=xm, other=0.0)[None]
+        part += f4 * tl.load(xb + 16, mask=xm, other=0.0)[None]
+        part += f5 * tl.load(xb + 20, mask=xm, other=0.0)[None]
+        part += f6 * tl.load(xb + 24, mask=xm, other=0.0)[None]
+        part += f7 * tl.load(xb + 28, mask=xm, other=0.0)[None]
         acc += tl.sum(part, axis=2) * s
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
-def _rows_dot_bf16(x_row, w, rows, rmask, K, s_row, R: tl.constexpr, BK: tl.constexpr):
+def _rows_dot_bf16(x_row, w, rows, rmask, K, s_row, R: tl.constexpr, BK: tl.constexpr, NS: tl.constexpr):
     acc = tl.zeros([R, BK], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in tl.range(0, K, BK, num_stages=NS):                             # pipelined: see _rows_dot_fp4
         kk = k0 + tl.arange(0, BK)
         km = kk < K
         x = tl.load(x_row + kk, mask=km, other=0.0).to(tl.float32)
-        wv = tl.load(w + rows[:, None] * s_row + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+        wv = tl.load(w + rows[:, None].to(tl.int64) * s_row + kk[None, :], mask=rmask[:, None] & km[None, :],
+                     other=0.0)
         acc += wv.to(tl.float32) * x[None, :]
     return tl.sum(acc, axis=1)
 
 
-_GEMV_CONFIGS = [cfg(4, 2, BN=8, BG=8), cfg(2, 2, BN=4, BG=8), cfg(4, 2, BN=16, BG=4), cfg(4, 2, BN=8, BG=4),
-                 cfg(8, 2, BN=16, BG=8), cfg(2, 2, BN=2, BG=8), cfg(4, 2, BN=4, BG=16),
-                 cfg(8, 2, BN=32, BG=4), cfg(8, 2, BN=8, BG=16)]   # last two: best down in bench/gemv_configs.py
-
-
-@triton.jit
-def xperm(offs):
-    """Position of element ``offs`` in the MXFP4 kernels' x layout: per 32-block, evens then odds."""
-    return (offs // 32) * 32 + (offs % 2) * 16 + (offs % 32) // 2
+# (warps, kernel num_stages, rows BN, groups per iteration BG (x 32 elements for bf16), loop stages NS). The
+# NS = 1 configs were the fastest for MXFP4 with cold weights (bench/results/gemv_configs_h100.json); NS = 3 ones
+# serve bf16 experts, whose loop is load-bound like the dense GEMVs of linear_kernels (pipelining helps those).
+_GEMV_CONFIGS = [cfg(4, 2, BN=4, BG=16, NS=1), cfg(4, 2, BN=8, BG=16, NS=1), cfg(4, 2, BN=8, BG=8, NS=1),
+                 cfg(8, 2, BN=8, BG=8, NS=1), cfg(4, 2, BN=16, BG=8, NS=1), cfg(4, 2, BN=32, BG=16, NS=1),
+                 cfg(4, 2, BN=8, BG=8, NS=3), cfg(4, 2, BN=4, BG=16, NS=3)]
 
 
 @autotune(_GEMV_CONFIGS, key=["P", "I", "K", "FP4"])
@@ -136,7 +150,7 @@ def xperm(offs):
 def _gate_up_gemv_kernel(x_ptr, idx_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, P, K, I, G,
                          s_e, s_row, s_se, s_srow, alpha, limit,
                          TOPK: tl.constexpr, FP4: tl.constexpr, YPERM: tl.constexpr, BN: tl.constexpr,
-                         BG: tl.constexpr):
+                         BG: tl.constexpr, NS: tl.constexpr):
     p = tl.program_id(0)
     nb = tl.program_id(1)
     t = (p // TOPK).to(tl.int64)
@@ -145,9 +159,9 @@ def _gate_up_gemv_kernel(x_ptr, idx_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, P, K, I,
     rm = rows < 2 * I
     x_row = x_ptr + t * K
     if FP4:
-        acc = _rows_dot_fp4(x_row, w_ptr + e * s_e, s_ptr + e * s_se, rows, rm, G, s_row, s_srow, 2 * BN, BG)
+        acc = _rows_dot_fp4(x_row, w_ptr + e * s_e, s_ptr + e * s_se, rows, rm, G, s_row, s_srow, 2 * BN, BG, NS)
     else:
-        acc = _rows_dot_bf16(x_row, w_ptr + e * s_e, rows, rm, K, s_row, 2 * BN, BG * 32)
+        acc = _rows_dot_bf16(x_row, w_ptr + e * s_e, rows, rm, K, s_row, 2 * BN, BG * 32, NS)
     bias = tl.load(bias_ptr + e * (2 * I) + rows, mask=rm, other=0.0).to(tl.float32)
     a = bf16r(bf16r(acc) + bias)
     a_g, a_u = tl.split(tl.reshape(a, (BN, 2)))
@@ -164,7 +178,7 @@ def _gate_up_gemv_kernel(x_ptr, idx_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, P, K, I,
 @triton.jit
 def _down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, w_ptr, s_ptr, bias_ptr, z_ptr, P, K, H, G,
                       s_e, s_row, s_se, s_srow,
-                      FP4: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr):
+                      FP4: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, NS: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)                  # (token, slot) pair
     hb = tl.program_id(1)
     rows = hb * BN + tl.arange(0, BN)
@@ -173,9 +187,9 @@ def _down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, w_ptr, s_ptr, bias_ptr, z_ptr, P, 
     gw = tl.load(wt_ptr + p)
     y_row = y_ptr + p * K
     if FP4:
-        acc = _rows_dot_fp4(y_row, w_ptr + e * s_e, s_ptr + e * s_se, rows, rm, G, s_row, s_srow, BN, BG)
+        acc = _rows_dot_fp4(y_row, w_ptr + e * s_e, s_ptr + e * s_se, rows, rm, G, s_row, s_srow, BN, BG, NS)
     else:
-        acc = _rows_dot_bf16(y_row, w_ptr + e * s_e, rows, rm, K, s_row, BN, BG * 32)
+        acc = _rows_dot_bf16(y_row, w_ptr + e * s_e, rows, rm, K, s_row, BN, BG * 32, NS)
     bias = tl.load(bias_ptr + e * H + rows, mask=rm, other=0.0).to(tl.float32)
     tl.store(z_ptr + p * H + rows, gw * bf16r(bf16r(acc) + bias), mask=rm)
 
@@ -365,12 +379,6 @@ def moe_grouped(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gu: Expert
            y, order, wt.reshape(-1), te, ts, tn, dn.w, dn.s, dn_bias, z, p, dn.in_f, h, dn.s_e, dn.s_row,
            dn.s_se, dn.s_srow, FP4=dn.fp4, BM=GROUP_BM, DOT_F32=INTERPRET)
     return z.view(n, k, h)
-
-
-def xperm_index(n: int, device=None) -> torch.Tensor:
-    """perm[i] = position of element i in the MXFP4 GEMV's x layout (per 32-block: evens, then odds)."""
-    i = torch.arange(n, device=device)
-    return (i // 32) * 32 + (i % 2) * 16 + (i % 32) // 2
 
 
 def kernel_x(x: torch.Tensor, fp4: bool) -> torch.Tensor:
