@@ -62,6 +62,25 @@ def test_fp32_unpadded(window, heads):
     assert rel(a, b) < TOL
 
 
+def test_sdpa_output_in_a_non_contiguous_layout(monkeypatch):
+    """Some SDPA backends (fp32 on CUDA) return [B, kv, g*T, d] with a transposed memory layout; the split
+    back into [B, nh, T, d] must not assume a contiguous result (it once did: ``.view`` raised)."""
+    import mxq.model.attention as A
+
+    real = A.F.scaled_dot_product_attention
+
+    def transposed_layout(*args, **kw):
+        o = real(*args, **kw)
+        return o.transpose(1, 2).contiguous().transpose(1, 2)         # same values, [B, g*T, kv, d] in memory
+
+    t = 24
+    q, k, v, sinks = qkvs(2, 8, 2, t, t)
+    allowed = AttentionMasks(torch.arange(t), torch.ones(2, t, dtype=torch.bool)).allowed(None)
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", transposed_layout)
+    a, b = both(q, k, v, sinks, allowed)
+    assert rel(a, b) < TOL
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("window", [None, 8])
 def test_fp32_padded(side, window):

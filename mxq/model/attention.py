@@ -154,7 +154,7 @@ def sdpa_sink_attention(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor, scale: f
         bias = sink_bias(allowed[sl], sinks, q.dtype).view(-1, kv, g * t, s + 1)   # [b', kv, g*T, S+1]
         outs.append(F.scaled_dot_product_attention(qg[sl], k1[sl], v1[sl], attn_mask=bias, scale=scale))
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)                    # [B, kv, g*T, d]
-    return o.view(b, nh, t, d)
+    return o.reshape(b, nh, t, d)             # SDPA backends may return a non-contiguous layout (fp32 on CUDA)
 
 
 def resolve_impl(impl: str, device: torch.device, grad: bool) -> str:
