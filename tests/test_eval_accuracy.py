@@ -118,3 +118,20 @@ def test_kl_rows_is_exact_for_known_distributions():
     torch.testing.assert_close(kl.double(), torch.tensor([0.5 * math.log(2) - 0.25 * math.log(2), 0.0],
                                                          dtype=torch.float64), atol=1e-6, rtol=0)
     assert agree.tolist() == [False, True]
+
+
+@torch.no_grad()
+def test_reference_runs_the_candidates_attention_and_keys_its_cache_by_it(small, tmp_path):
+    """eager and SDPA logits differ (~1e-5 in fp32): a reference cached from an eager run must not serve an SDPA
+    candidate, and the baseline must run the candidate's attention, so the model against itself is exactly 0."""
+    from mxq.model import set_attention_impl
+
+    ckpt, _, tok = small
+    cfg = resolve_cfg({**CFG, "kl": {"cache_dtype": "float32"}})
+    eager = mxq.load_model(ckpt, dtype=torch.float32)
+    first = heldout_accuracy(eager, tok, cfg, str(ckpt), tmp_path, tmp_path, False)["kl_vs_baseline"]
+    sdpa = mxq.load_model(ckpt, dtype=torch.float32)
+    set_attention_impl(sdpa, "sdpa")
+    k = heldout_accuracy(sdpa, tok, cfg, str(ckpt), tmp_path, tmp_path, False)["kl_vs_baseline"]
+    assert first["mean"] == 0.0
+    assert k["mean"] == 0.0 and k["max"] == 0.0 and k["top1_agreement"] == 1.0, k

@@ -11,6 +11,7 @@ Where the reference distribution comes from (the choice issue 6 asks to make and
   (tokens x vocab x 2 bytes; 2,044 tokens of the tiny model = 25 MB, but 2,048 tokens of gpt-oss
   = 824 MB). They are computed once by loading the baseline checkpoint and cached on disk under
   ``<cache_dir>/kl_ref/`` keyed by the baseline's content hash + the eval-token hash + window settings +
+  attention implementation (the candidate's, which the baseline then runs too) +
   dtype/device, so every later run of a sweep reuses them.
 * Larger than that ("paired" mode): the baseline is loaded next to the compressed model and both are run
   on the same batches in the same process, chunk by chunk; nothing is cached.
@@ -31,6 +32,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
+from ..model.attention import SinkAttention, inference_attention_impl
 from .perplexity import Item, window_logprobs
 
 CACHE_VERSION = 1
@@ -124,8 +126,12 @@ class Reference:
         self.cache_bytes = n_scored * like.config.vocab_size * torch.finfo(self.cache_dtype).bits // 8
         self.mode = "disk-cache" if self.cache_bytes <= int(cfg.get("max_cache_bytes", 256 << 20)) else "paired"
         self.model_hash = model_hash(folder, cache_dir)
+        self._impls = [m.impl for m in like.modules() if isinstance(m, SinkAttention)]
+        self.attention = inference_attention_impl(like)
         settings = {"windows": [(w.begin, w.end, w.first) for _, w in items], "batch_size": batch_size,
                     "dtype": str(self.dtype), "device": self.device.type, "cache_dtype": str(self.cache_dtype)}
+        if self.attention != "eager":      # eager and SDPA round differently (~1e-5 in fp32); eager keys unchanged
+            settings["attention"] = self.attention
         seqs = {}
         for toks, _ in items:
             seqs.setdefault(id(toks), toks)
@@ -148,6 +154,10 @@ class Reference:
 
         base = load_model(folder, device=self.device, dtype=self.dtype)
         base.eval()
+        mods = [m for m in base.modules() if isinstance(m, SinkAttention)]
+        if len(mods) == len(self._impls):  # the candidate's attention implementation, layer by layer: a model
+            for m, impl in zip(mods, self._impls):     # compared with itself then gives KL exactly 0
+                m.impl = impl
         return base
 
     def _fill_cache(self) -> None:
@@ -183,6 +193,7 @@ class Reference:
             torch.cuda.empty_cache()
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "mode": self.mode, "cached": self.cached, "model_hash": self.model_hash,
+        return {"source": self.source, "mode": self.mode, "cached": self.cached, "attention": self.attention,
+                "model_hash": self.model_hash,
                 "tokens_hash": self.tokens_hash, "path": str(self.path) if self.mode == "disk-cache" else None,
                 "bytes": self.cache_bytes, "cache_dtype": str(self.cache_dtype).removeprefix("torch.")}
