@@ -73,6 +73,22 @@ def test_incremental_decoding_equals_full_forward(pair):
     assert (torch.cat(parts, 1) - full).abs().max().item() < TOL
 
 
+def test_last_position_logits_equal_the_full_forwards_last_column(pair):
+    """``logits="last"`` (what generate's prefill asks for) is the last column of the full logits (to rounding),
+    with a cache too; a value other than True / False / "last" is refused."""
+    ours, _ = pair
+    ids = torch.randint(0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = ours(ids).logits                                                    # [2, 40, V]
+        last = ours(ids, logits="last").logits                                     # [2, 1, V]
+        cached = ours(ids, cache=ours.new_cache(2, 48), logits="last").logits
+    assert last.shape == (2, 1, full.shape[-1])
+    assert (last[:, 0] - full[:, -1]).abs().max().item() < TOL     # a 1-row matmul may block differently
+    assert (cached - last).abs().max().item() < TOL
+    with pytest.raises(ValueError, match="logits"):
+        ours(ids, logits="first")
+
+
 def test_generate_greedy_matches_transformers(pair):
     ours, ref = pair
     ids = torch.randint(0, ours.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4))

@@ -79,7 +79,7 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, do_sample: bool, t
     sync(dev)
     t0 = time.perf_counter()
     cache = model.new_cache(b, t + new_tokens)
-    out = model(ids, cache=cache)
+    out = model(ids, cache=cache, logits="last")                                            # [B, 1, V]
     nxt = sample_next(out.logits[:, -1], do_sample, temperature, top_p, gen)                # [B]
     sync(dev)
     t_first = time.perf_counter()

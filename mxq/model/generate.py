@@ -23,7 +23,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, attention_mask: Tens
              temperature: float, top_p: float, eos_token_id, generator) -> Tensor:
     b, t = input_ids.shape
     cache = model.new_cache(b, t + max_new_tokens)
-    out = model(input_ids, attention_mask=attention_mask, cache=cache)
+    out = model(input_ids, attention_mask=attention_mask, cache=cache, logits="last")     # [B, 1, V]
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
                        device=input_ids.device, dtype=torch.long)
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)

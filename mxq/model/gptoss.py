@@ -86,10 +86,14 @@ class GptOssForCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
                 position_ids: Tensor | None = None, output_router_logits: bool = False,
-                logits: bool = True) -> CausalLMOutput:
+                logits: bool | str = True) -> CausalLMOutput:
         """``logits=False`` stops after the last layer (no final norm, no ``lm_head``): router statistics
         need only the MoE layers, and the logits of a gpt-oss calibration batch (32,768 tokens x 201,088
-        vocabulary) would be 13 GB of bf16 computed for nothing."""
+        vocabulary) would be 13 GB of bf16 computed for nothing. ``logits="last"`` computes them for the last
+        position only ([B, 1, V]): a generation prefill needs nothing else (2,048 prompt tokens would
+        otherwise cost 0.8 GB of bf16 logits and a 2,048-row lm_head matmul)."""
+        if logits not in (True, False, "last"):
+            raise ValueError(f"logits must be True, False or 'last', got {logits!r}")
         b, t = input_ids.shape
         dev = input_ids.device
         valid = torch.ones(b, t, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
@@ -113,7 +117,9 @@ class GptOssForCausalLM(nn.Module):
                 all_logits.append(rl)
         if cache is not None:
             cache.advance(valid)
-        out = self.lm_head(self.norm(x)) if logits else None                                 # [B, T, V]
+        if logits == "last":
+            x = x[:, -1:]                                                                    # [B, 1, H]
+        out = self.lm_head(self.norm(x)) if logits else None                                 # [B, T or 1, V]
         return CausalLMOutput(out, cache, tuple(all_logits) if output_router_logits else None)
 
     @torch.no_grad()

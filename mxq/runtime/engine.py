@@ -297,7 +297,7 @@ class Runtime:
             c.length = 0
             c.key_valid.zero_()
             c.next_pos.zero_()
-            logits = self.model(input_ids, cache=c).logits[:, -1]
+            logits = self.model(input_ids, cache=c, logits="last").logits[:, -1]
         elif mode == "fast":
             x = F.embedding(input_ids.reshape(-1), self.model.embed_tokens.weight)
             h = self._layers(x, t, st, decode=False)
