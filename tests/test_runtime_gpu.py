@@ -527,7 +527,8 @@ def test_mixed_format_layer():
     report("fmt_mixed_memory", bytes_grown=grown)
     check_fmt_errors(res, gu_f + dn_f)
     layer_bytes = sum(s.nbytes_per_expert() * s.w.shape[0] for s in gu.stacks + dn.stacks)
-    # one duplicated expert would be >= 1/32 of the layer; 2.07 MB (0.3%) measured on an H100, not explained
+    # one duplicated expert would be >= 1/32 of the layer. 2.07 MB (0.3%) measured on an H100; on the CPU the
+    # storages reachable from the layer + stacks grow by 1,688 bytes, so likely device tables made on first use
     assert grown < 0.01 * layer_bytes, (grown, layer_bytes)
 
 
