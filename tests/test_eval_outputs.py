@@ -3,6 +3,7 @@ exact memory accounting, speed fields, report.md, metrics.csv, the ablation CLI 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def test_report_and_csv(sweep):
         assert needle in md, needle
     for png in ("memory.png", "speed.png", "perplexity.png", "kl_hist.png"):
         assert (run / png).stat().st_size > 1000, png
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    rows = list(csv.DictReader(io.StringIO((run / "metrics.csv").read_text())))
     assert len(rows) == 1 and float(rows[0]["accuracy.perplexity.mean"]) > 1
     assert rows[0]["recipe.name"] == "mxfp4_noise"
 
@@ -105,7 +106,7 @@ def test_ablation_cli(sweep, tmp_path):
     _, root, base, noisy = sweep
     paths = main([str(root), "--out", str(tmp_path)])
     assert {p.name for p in paths.values()} == {"ablation.md", "ablation.csv", "pareto.png", "ablation_tasks.csv"}
-    rows = {r["label"]: r for r in csv.DictReader((tmp_path / "ablation.csv").open())}
+    rows = {r["label"]: r for r in csv.DictReader(io.StringIO((tmp_path / "ablation.csv").read_text()))}
     assert set(rows) == {"baseline", "mxfp4_noise"}
     assert float(rows["baseline"]["d_ppl_mean"]) == 0.0
     want = noisy["accuracy"]["perplexity"]["mean"] - base["accuracy"]["perplexity"]["mean"]
