@@ -7,7 +7,9 @@ Without ``--model`` it writes the synthetic gpt-oss-20b checkpoint first
 * the bandwidth limit: bytes a decode step must read (``mxq.runtime.decode_bytes_per_token``) over the
   device-to-device copy bandwidth (a large tensor copy, bytes read + written, median of 10);
 * mxq fast path: prefill of the prompt, then g decode steps (CUDA events; median of --runs), TTFT
-  (wall time of ``fast_generate(ids, 1)``), peak GPU memory against weights + KV cache;
+  (wall time of ``fast_generate(ids, 1)``), peak GPU memory against weights + KV cache; unless
+  ``--skip-breakdown``, each decode kernel alone (``breakdown_us``) and each prefill stage alone over the
+  prompt (``prefill_breakdown``: where TTFT goes);
 * mxq's reference torch path (``model.generate``): decode tokens/s from generate(9) - generate(1);
 * bf16 experts on the fast path (the same experts dequantized to bf16 in place): decode tokens/s and their limit;
 * transformers ``GptOssForCausalLM`` (Mxfp4Config(dequantize=True), bf16) ``generate``: decode tokens/s from
@@ -202,6 +204,68 @@ def kernel_breakdown(rt, reps: int = 5) -> dict:
     return out
 
 
+def prefill_breakdown(rt, t: int, reps: int = 3) -> dict:
+    """Time each prefill stage alone over a t-token prompt (eager launches, as the prefill runs; milliseconds
+    summed over the layers, mean of ``reps``): where TTFT goes. Uses the runtime's KV cache buffers as scratch
+    (positions 0..t-1; the state's position is restored, its cache contents are not)."""
+    import torch.nn.functional as F
+
+    from mxq.runtime.attn_kernels import rmsnorm, rope_cache, sink_attention
+    from mxq.runtime.fmt_kernels import FmtExperts, fmt_moe_grouped
+    from mxq.runtime.moe_kernels import expert_tiles, moe_grouped, router_topk
+
+    st, m = rt._state, rt.model
+    cfg = m.config
+    saved = st.pos.clone()
+    st.pos.zero_()
+    dev = st.cos.device
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(t, cfg.hidden_size, device=dev, generator=g).bfloat16()                    # [T, H]
+    L0 = rt.layers[0]
+    q, k, v = F.linear(x, L0.wq, L0.bq), F.linear(x, L0.wk, L0.bk), F.linear(x, L0.wv, L0.bv)
+    qr = rope_cache(q, k, v, st.cos, st.sin, st.cache.k[0], st.cache.v[0], st.pos, t)
+    o = torch.randn(t, cfg.num_attention_heads * cfg.head_dim, device=dev, generator=g).bfloat16()
+    routes = [router_topk(x, L.wr, L.br, rt.top_k) for L in rt.layers]
+
+    def moe(i):
+        L = rt.layers[i]
+        grouped = fmt_moe_grouped if isinstance(L.gu, FmtExperts) else moe_grouped
+        return grouped(x, routes[i][0], routes[i][1], L.gu, L.gu_bias, L.dn, L.dn_bias, rt.alpha, rt.limit)
+
+    ops = {
+        "rmsnorm": lambda i: rmsnorm(x, rt.layers[i].ln2, rt.eps, delta=x),
+        "q_k_v (cuBLAS)": lambda i: (F.linear(x, rt.layers[i].wq, rt.layers[i].bq),
+                                     F.linear(x, rt.layers[i].wk, rt.layers[i].bk),
+                                     F.linear(x, rt.layers[i].wv, rt.layers[i].bv)),
+        "rope_cache": lambda i: rope_cache(q, k, v, st.cos, st.sin, st.cache.k[i], st.cache.v[i], st.pos, t),
+        "attention": lambda i: sink_attention(qr, st.cache.k[i], st.cache.v[i], rt.layers[i].sinks, st.pos, t,
+                                              rt.layers[i].window, rt.scale, split=False),
+        "o_proj (cuBLAS)": lambda i: F.linear(o, rt.layers[i].wo, rt.layers[i].bo),
+        "router_topk": lambda i: router_topk(x, rt.layers[i].wr, rt.layers[i].br, rt.top_k),
+        "expert_tiles (sort)": lambda i: expert_tiles(routes[i][0], int(rt.layers[i].gu_bias.shape[0])),
+        "moe grouped (tiles + gate_up + down)": moe,
+        "lm_head (last position)": lambda i: F.linear(x[-1:], m.lm_head.weight),
+    }
+    out: dict = {"tokens": t}
+    nl = len(rt.layers)
+    for name, fn in ops.items():
+        n = 1 if name.startswith("lm_head") else nl
+        for i in range(n):
+            fn(i)
+        sync()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(reps):
+            for i in range(n):
+                fn(i)
+        e1.record()
+        sync()
+        out[name + " ms"] = round(e0.elapsed_time(e1) / reps, 2)
+    out["sum ms"] = round(sum(v for kk, v in out.items() if kk.endswith(" ms") and "expert_tiles" not in kk), 2)
+    st.pos.copy_(saved)
+    return out
+
+
 def formats_section(a, src: Path, ids, bw: float, ctx: int, res: dict) -> None:
     """One model per format in ``a.formats`` (re-quantized in memory), measured by ``fast_section``."""
     import mxq
@@ -323,6 +387,11 @@ def main() -> None:
     if not a.skip_breakdown:
         res["fast_mxfp4"]["breakdown_us"] = kernel_breakdown(model.__dict__["_mxq_runtime"])
         print(json.dumps(res["fast_mxfp4"]["breakdown_us"], indent=1), flush=True)
+        try:                          # diagnostic only: a failure here must not cost the measurements after it
+            res["fast_mxfp4"]["prefill_breakdown"] = prefill_breakdown(model.__dict__["_mxq_runtime"], a.context)
+        except Exception as err:      # noqa: BLE001
+            res["fast_mxfp4"]["prefill_breakdown"] = {"error": f"{type(err).__name__}: {err}"[:400]}
+        print(json.dumps(res["fast_mxfp4"]["prefill_breakdown"], indent=1), flush=True)
 
     # ---- mxq reference path
     if not a.skip_reference:
