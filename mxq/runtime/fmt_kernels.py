@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from ._common import INTERPRET, autotune, bf16r, cfg, e8m0_x4, launch, mma, swiglu, tl, triton, x_parts
-from .moe_kernels import GROUP_BM, expert_tiles
+from .moe_kernels import GROUP_BM, down_tile_out, expert_tiles, gate_up_tile_out, tile_rows
 
 # format name -> (kernel code, elements per 32-bit word, elements per scale group)
 MXFP4, NVFP4, NF4, NF4DQ, INT4, FP8, BF16 = 0, 1, 2, 3, 4, 5, 6
@@ -293,20 +293,16 @@ def _fmt_gate_up_grouped_kernel(x_ptr, order_ptr, te_ptr, ts_ptr, tn_ptr, slot_p
                                 SROW: tl.constexpr, ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                                 BK: tl.constexpr, DOT_F32: tl.constexpr):
     BW: tl.constexpr = BK // EPW
-    tau = tl.program_id(0)
     nb = tl.program_id(1)
-    r0 = tl.load(ts_ptr + tau)
-    r1 = tl.load(tn_ptr + tau)
-    e = tl.load(te_ptr + tau)
-    mine = tl.load(slot_ptr + e) == slot
+    e, rows, rm, live = tile_rows(ts_ptr, tn_ptr, te_ptr, BM)
+    mine = tl.load(slot_ptr + e) == slot                  # the tile's expert is in this launch's format
     j = tl.load(sidx_ptr + e).to(tl.int64)
-    rows = r0 + tl.arange(0, BM)
-    rm = (rows < r1) & mine
+    rm = rm & mine
     pair = tl.load(order_ptr + rows, mask=rm, other=0)
     tok = (pair // TOPK).to(tl.int64)
     cols = nb * (2 * BN) + tl.arange(0, 2 * BN)
     cm = cols < 2 * I
-    w_end = tl.where((r0 < r1) & mine, WPR, 0)
+    w_end = tl.where(live & mine, WPR, 0)
     kk = tl.arange(0, BK)
     acc = tl.zeros([2 * BN, BM], dtype=tl.float32)          # transposed: the decoded tile is the A operand
     w_e = w_ptr + j * s_we
@@ -316,14 +312,7 @@ def _fmt_gate_up_grouped_kernel(x_ptr, order_ptr, te_ptr, ts_ptr, tn_ptr, slot_p
         wt = _fmt_w_tile(w_e, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, j, cols, cm, w0, WPR, s_wr, s_se, s_sr, s_sg,
                          s_ne, FMT, EPW, GW, SROW, ASYM, 2 * BN, BW)
         acc = mma(wt, xt, acc, DOT_F32)
-    acc = tl.trans(acc)
-    bias = tl.load(bias_ptr + e.to(tl.int64) * (2 * I) + cols, mask=cm, other=0.0).to(tl.float32)
-    a = bf16r(bf16r(acc) + bias[None, :])
-    a_g, a_u = tl.split(tl.reshape(a, (BM, BN, 2)))
-    y = swiglu(a_g, a_u, alpha, limit)
-    offs = nb * BN + tl.arange(0, BN)
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * I + offs[None, :], y.to(tl.bfloat16),
-             mask=rm[:, None] & (offs < I)[None, :])
+    gate_up_tile_out(tl.trans(acc), bias_ptr, e, cols, cm, rows, rm, y_ptr, I, nb, alpha, limit, BM, BN)
 
 
 @autotune(_FMT_GROUPED_CONFIGS, key=_GROUPED_KEY + ["H"])
@@ -335,20 +324,16 @@ def _fmt_down_grouped_kernel(y_ptr, order_ptr, wt_ptr, te_ptr, ts_ptr, tn_ptr, s
                              ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                              DOT_F32: tl.constexpr):
     BW: tl.constexpr = BK // EPW
-    tau = tl.program_id(0)
     nb = tl.program_id(1)
-    r0 = tl.load(ts_ptr + tau)
-    r1 = tl.load(tn_ptr + tau)
-    e = tl.load(te_ptr + tau)
-    mine = tl.load(slot_ptr + e) == slot
+    e, rows, rm, live = tile_rows(ts_ptr, tn_ptr, te_ptr, BM)
+    mine = tl.load(slot_ptr + e) == slot                  # the tile's expert is in this launch's format
     j = tl.load(sidx_ptr + e).to(tl.int64)
-    rows = r0 + tl.arange(0, BM)
-    rm = (rows < r1) & mine
+    rm = rm & mine
     pair = tl.load(order_ptr + rows, mask=rm, other=0).to(tl.int64)
     gw = tl.load(wt_ptr + pair, mask=rm, other=0.0)
     cols = nb * BN + tl.arange(0, BN)
     cm = cols < H
-    w_end = tl.where((r0 < r1) & mine, WPR, 0)
+    w_end = tl.where(live & mine, WPR, 0)
     kk = tl.arange(0, BK)
     acc = tl.zeros([BN, BM], dtype=tl.float32)              # transposed, as in the gate_up kernel
     w_e = w_ptr + j * s_we
@@ -359,10 +344,7 @@ def _fmt_down_grouped_kernel(y_ptr, order_ptr, wt_ptr, te_ptr, ts_ptr, tn_ptr, s
         wt = _fmt_w_tile(w_e, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, j, cols, cm, w0, WPR, s_wr, s_se, s_sr, s_sg,
                          s_ne, FMT, EPW, GW, SROW, ASYM, BN, BW)
         acc = mma(wt, yt, acc, DOT_F32)
-    acc = tl.trans(acc)
-    bias = tl.load(bias_ptr + e.to(tl.int64) * H + cols, mask=cm, other=0.0).to(tl.float32)
-    z = bf16r(bf16r(acc) + bias[None, :]) * gw[:, None]
-    tl.store(z_out + pair[:, None] * H + cols[None, :], z, mask=rm[:, None] & cm[None, :])
+    down_tile_out(tl.trans(acc), bias_ptr, e, cols, cm, pair, rm, gw, z_out, H)
 
 
 if INTERPRET:   # the interpreter runs one config per kernel (``_common.autotune``): large tiles, few programs

@@ -278,27 +278,22 @@ _GROUPED_CONFIGS = [cfg(4, 3, BN=64, BK=128), cfg(4, 3, BN=32, BK=128), cfg(8, 3
                     cfg(4, 4, BN=64, BK=64)]
 
 
-@autotune(_GROUPED_CONFIGS, key=["P", "I", "K", "FP4"])
 @triton.jit
-def _gate_up_grouped_kernel(x_ptr, order_ptr, te_ptr, ts_ptr, tn_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
-                            P, K, I, s_e, s_row, s_se, s_srow, alpha, limit,
-                            TOPK: tl.constexpr, FP4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                            BK: tl.constexpr, DOT_F32: tl.constexpr):
+def tile_rows(ts_ptr, tn_ptr, te_ptr, BM: tl.constexpr):
+    """The tile of program_id(0) (``expert_tiles``): (expert id, sorted-pair rows [BM], row mask, non-empty)."""
     tau = tl.program_id(0)
-    nb = tl.program_id(1)
     r0 = tl.load(ts_ptr + tau)
     r1 = tl.load(tn_ptr + tau)
-    e = tl.load(te_ptr + tau).to(tl.int64)
     rows = r0 + tl.arange(0, BM)
-    rm = rows < r1
-    pair = tl.load(order_ptr + rows, mask=rm, other=0)
-    tok = (pair // TOPK).to(tl.int64)
-    cols = nb * (2 * BN) + tl.arange(0, 2 * BN)             # interleaved gate/up weight rows
-    cm = cols < 2 * I
-    k_end = tl.where(r0 < r1, K, 0)
-    acc = _tile_dot(x_ptr, tok * K, rm, w_ptr + e * s_e, s_ptr + e * s_se, cols, cm, K, s_row, s_srow, k_end,
-                    FP4, BM, 2 * BN, BK, DOT_F32)
-    bias = tl.load(bias_ptr + e * (2 * I) + cols, mask=cm, other=0.0).to(tl.float32)
+    return tl.load(te_ptr + tau), rows, rows < r1, r0 < r1
+
+
+@triton.jit
+def gate_up_tile_out(acc, bias_ptr, e, cols, cm, rows, rm, y_ptr, I, nb, alpha, limit, BM: tl.constexpr,
+                     BN: tl.constexpr):
+    """Grouped gate_up epilogue: y[rows, nb*BN:] = bf16 SwiGLU(bf16(bf16(acc) + bias)) of the interleaved
+    gate/up columns ``cols`` of expert ``e`` (acc [BM, 2BN] fp32)."""
+    bias = tl.load(bias_ptr + e.to(tl.int64) * (2 * I) + cols, mask=cm, other=0.0).to(tl.float32)
     a = bf16r(bf16r(acc) + bias[None, :])
     a_g, a_u = tl.split(tl.reshape(a, (BM, BN, 2)))
     y = swiglu(a_g, a_u, alpha, limit)
@@ -307,29 +302,50 @@ def _gate_up_grouped_kernel(x_ptr, order_ptr, te_ptr, ts_ptr, tn_ptr, w_ptr, s_p
              mask=rm[:, None] & (offs < I)[None, :])
 
 
+@triton.jit
+def down_tile_out(acc, bias_ptr, e, cols, cm, pair, rm, gw, z_ptr, H):
+    """Grouped down epilogue: z[pair, cols] = routing weight x bf16(bf16(acc) + bias) (acc [BM, BN] fp32)."""
+    bias = tl.load(bias_ptr + e.to(tl.int64) * H + cols, mask=cm, other=0.0).to(tl.float32)
+    z = bf16r(bf16r(acc) + bias[None, :]) * gw[:, None]
+    tl.store(z_ptr + pair[:, None] * H + cols[None, :], z, mask=rm[:, None] & cm[None, :])
+
+
+@autotune(_GROUPED_CONFIGS, key=["P", "I", "K", "FP4"])
+@triton.jit
+def _gate_up_grouped_kernel(x_ptr, order_ptr, te_ptr, ts_ptr, tn_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
+                            P, K, I, s_e, s_row, s_se, s_srow, alpha, limit,
+                            TOPK: tl.constexpr, FP4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr, DOT_F32: tl.constexpr):
+    nb = tl.program_id(1)
+    e, rows, rm, live = tile_rows(ts_ptr, tn_ptr, te_ptr, BM)
+    e = e.to(tl.int64)
+    pair = tl.load(order_ptr + rows, mask=rm, other=0)
+    tok = (pair // TOPK).to(tl.int64)
+    cols = nb * (2 * BN) + tl.arange(0, 2 * BN)             # interleaved gate/up weight rows
+    cm = cols < 2 * I
+    k_end = tl.where(live, K, 0)
+    acc = _tile_dot(x_ptr, tok * K, rm, w_ptr + e * s_e, s_ptr + e * s_se, cols, cm, K, s_row, s_srow, k_end,
+                    FP4, BM, 2 * BN, BK, DOT_F32)
+    gate_up_tile_out(acc, bias_ptr, e, cols, cm, rows, rm, y_ptr, I, nb, alpha, limit, BM, BN)
+
+
 @autotune(_GROUPED_CONFIGS, key=["P", "H", "K", "FP4"])
 @triton.jit
 def _down_grouped_kernel(y_ptr, order_ptr, wt_ptr, te_ptr, ts_ptr, tn_ptr, w_ptr, s_ptr, bias_ptr, z_ptr,
                          P, K, H, s_e, s_row, s_se, s_srow,
                          FP4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                          DOT_F32: tl.constexpr):
-    tau = tl.program_id(0)
     nb = tl.program_id(1)
-    r0 = tl.load(ts_ptr + tau)
-    r1 = tl.load(tn_ptr + tau)
-    e = tl.load(te_ptr + tau).to(tl.int64)
-    rows = r0 + tl.arange(0, BM)
-    rm = rows < r1
+    e, rows, rm, live = tile_rows(ts_ptr, tn_ptr, te_ptr, BM)
+    e = e.to(tl.int64)
     pair = tl.load(order_ptr + rows, mask=rm, other=0).to(tl.int64)
     gw = tl.load(wt_ptr + pair, mask=rm, other=0.0)
     cols = nb * BN + tl.arange(0, BN)
     cm = cols < H
-    k_end = tl.where(r0 < r1, K, 0)
+    k_end = tl.where(live, K, 0)
     acc = _tile_dot(y_ptr, rows.to(tl.int64) * K, rm, w_ptr + e * s_e, s_ptr + e * s_se, cols, cm, K, s_row,
                     s_srow, k_end, FP4, BM, BN, BK, DOT_F32)
-    bias = tl.load(bias_ptr + e * H + cols, mask=cm, other=0.0).to(tl.float32)
-    z = bf16r(bf16r(acc) + bias[None, :]) * gw[:, None]
-    tl.store(z_ptr + pair[:, None] * H + cols[None, :], z, mask=rm[:, None] & cm[None, :])
+    down_tile_out(acc, bias_ptr, e, cols, cm, pair, rm, gw, z_ptr, H)
 
 
 GROUP_BM = 64
