@@ -47,6 +47,32 @@ def free() -> None:
     torch.cuda.empty_cache()
 
 
+def checkpoint(model: Path | None, work: Path, res: dict) -> Path:
+    """``model``, or the synthetic gpt-oss-20b in ``work`` (written on the GPU unless it is already there; the
+    time goes to ``res["synth_s"]``); ``res["model"]`` names it."""
+    src = model
+    if src is None:
+        src = work
+        if not (src / "config.json").exists():
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "mxq.synth", str(src), "--preset", "gpt-oss-20b", "--device",
+                            "cuda", "--overwrite"], check=True)
+            res["synth_s"] = round(time.perf_counter() - t0, 1)
+    res["model"] = str(src)
+    return src
+
+
+def load_transformers(src: Path):
+    """(transformers' GptOssForCausalLM with the MXFP4 experts dequantized to bf16, on the GPU, eval mode;
+    load seconds)."""
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    t0 = time.perf_counter()
+    tf = GptOssForCausalLM.from_pretrained(src, quantization_config=Mxfp4Config(dequantize=True),
+                                           dtype=torch.bfloat16, device_map="cuda").eval()
+    return tf, time.perf_counter() - t0
+
+
 def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     a = torch.randint(-128, 127, (nbytes,), dtype=torch.int8, device="cuda")
@@ -348,15 +374,7 @@ def main() -> None:
         res["triton"] = triton.__version__
     except ImportError:
         pass
-    src = a.model
-    if src is None:
-        src = a.work
-        if not (src / "config.json").exists():
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "mxq.synth", str(src), "--preset", "gpt-oss-20b", "--device",
-                            "cuda", "--overwrite"], check=True)
-            res["synth_s"] = round(time.perf_counter() - t0, 1)
-    res["model"] = str(src)
+    src = checkpoint(a.model, a.work, res)
     bw = copy_bandwidth()
     res["copy_bandwidth_TBps"] = round(bw / 1e12, 3)
     t0 = time.perf_counter()
@@ -418,12 +436,8 @@ def main() -> None:
         del model
         free()
         import transformers
-        from transformers import GptOssForCausalLM, Mxfp4Config
 
-        t0 = time.perf_counter()
-        tf = GptOssForCausalLM.from_pretrained(src, quantization_config=Mxfp4Config(dequantize=True),
-                                               dtype=torch.bfloat16, device_map="cuda").eval()
-        load_s = time.perf_counter() - t0
+        tf, load_s = load_transformers(src)
         mask = torch.ones_like(ids)
 
         def gen(n):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,9 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def sync() -> None:
-    torch.cuda.synchronize()
+from bench.decode import checkpoint, load_transformers, sync  # noqa: E402
 
 
 def preset_speed_cfg() -> dict:
@@ -46,17 +43,13 @@ def preset_speed_cfg() -> dict:
 def transformers_sweep(src: Path, contexts: list[int], g: int, repeats: int, seed: int, vocab: int) -> dict:
     """Greedy ``generate`` of transformers' GptOssForCausalLM (MXFP4 dequantized to bf16) per context."""
     import transformers
-    from transformers import GptOssForCausalLM, Mxfp4Config
 
     from mxq.evaluate.metrics import quantile
     from mxq.evaluate.speed import NOT_AVAILABLE, EnergyMeter
 
-    t0 = time.perf_counter()
-    tf = GptOssForCausalLM.from_pretrained(src, quantization_config=Mxfp4Config(dequantize=True),
-                                           dtype=torch.bfloat16, device_map="cuda")
-    tf.eval()
+    tf, load_s = load_transformers(src)
     sync()
-    out = {"version": transformers.__version__, "load_s": round(time.perf_counter() - t0, 1),
+    out = {"version": transformers.__version__, "load_s": round(load_s, 1),
            "attn_implementation": getattr(tf.config, "_attn_implementation", None), "by_context": []}
     meter = EnergyMeter(torch.device("cuda"))
     torch.cuda.reset_peak_memory_stats()
@@ -92,7 +85,6 @@ def transformers_sweep(src: Path, contexts: list[int], g: int, repeats: int, see
         print("transformers", json.dumps(row), flush=True)
     out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     out["energy_source"] = "NVML" if meter.handle is not None else meter.reason
-    del tf
     return out
 
 
@@ -119,16 +111,8 @@ def main() -> None:
         cfg["repeats"] = a.repeats
     if a.contexts:
         cfg["contexts"] = [int(c) for c in a.contexts.split(",")]
-    src = a.model
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "speed_cfg": cfg}
-    if src is None:
-        src = a.work
-        if not (src / "config.json").exists():
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "mxq.synth", str(src), "--preset", "gpt-oss-20b", "--device",
-                            "cuda", "--overwrite"], check=True)
-            res["synth_s"] = round(time.perf_counter() - t0, 1)
-    res["model"] = str(src)
+    src = checkpoint(a.model, a.work, res)
     model = mxq.load_model(src, device="cuda", dtype=torch.bfloat16)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -136,10 +120,7 @@ def main() -> None:
     res["mxq"]["sweep_s"] = round(time.perf_counter() - t0, 1)
     res["mxq"]["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     vocab = int(model.config.vocab_size)
-    from mxq.runtime import disable
-
-    disable(model)
-    del model
+    del model                                       # speed_report has detached the runtime it attached
     torch.cuda.empty_cache()
     if not a.skip_transformers:
         res["transformers"] = transformers_sweep(src, cfg["contexts"], int(cfg["new_tokens"]), int(cfg["repeats"]),
