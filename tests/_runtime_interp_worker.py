@@ -205,7 +205,7 @@ def check_mixed(_fmt: str = "") -> dict:
 
 
 def check_stacked(fmt: str) -> dict:
-    """``moe_kernels`` (a checkpoint's stacked MXFP4 or bf16 experts): decode GEMVs in the ``xperm`` layout
+    """``moe_kernels`` (a checkpoint's stacked MXFP4 or bf16 experts): decode GEMVs with the f16 ``h2perm`` x layout
     and the grouped prefill against the reference, every autotune config of the GEMVs."""
     from mxq.formats.mxfp4 import quantize_mxfp4
     from mxq.runtime import moe_kernels as M

@@ -155,7 +155,7 @@ def test_moe_decode_kernels_match_expert_forward(fmt):
     from mxq.model.experts import clamped_swiglu
     from mxq.runtime import stacked_experts
     from mxq.runtime.attn_kernels import rmsnorm
-    from mxq.runtime.moe_kernels import down_gemv, gate_up_gemv, kernel_x, xperm_index
+    from mxq.runtime.moe_kernels import down_gemv, gate_up_gemv, kernel_x, y_natural
 
     ex = make_experts(E, H, I, fmt)
     gu, dn = stacked_experts(ex, "gate_up"), stacked_experts(ex, "down")
@@ -165,7 +165,7 @@ def test_moe_decode_kernels_match_expert_forward(fmt):
         res = torch.randn(n, H, device=DEV, generator=g).bfloat16()
         idx, wt = routing(n, E, K, seed=n)
         y = gate_up_gemv(kernel_x(x, gu.fp4), idx, gu, ex.gate_up_bias, 1.702, 7.0, yperm=dn.fp4)
-        y_nat = y[:, xperm_index(I, DEV)] if dn.fp4 else y
+        y_nat = y_natural(y)
         yref = torch.stack([clamped_swiglu(ex.gate_up_matmul(int(idx[t, j]), x[t:t + 1])
                                            + ex.gate_up_bias[int(idx[t, j])], 1.702, 7.0)[0]
                             for t in range(n) for j in range(K)])
@@ -649,37 +649,67 @@ def test_tiny_model_mixed_plan_greedy_equal(make_ckpt):
 
 
 def test_fp4_asm_decode_equals_reference_decode():
-    """The inline-PTX E2M1 decode (prmt byte tables) against the plain-Triton one, bit for bit, on every nibble
-    value at every position of a word (and random words), and against mxq.formats' own dequantization."""
+    """The inline-PTX f16x2 E2M1 decode + multiply (``fp4_dot_f16``) against the plain-Triton one and against
+    mxq.formats' values, on every nibble value at every position of a word (and random words): x holds a 1 in
+    one lane of one pair slot and 0 elsewhere, so each output is one decoded weight x 2^-14, exactly."""
     import triton
     import triton.language as tl
 
-    from mxq.runtime._common import fp4x8
+    from mxq.runtime._common import fp4_dot_f16
 
     @triton.jit
-    def dec(w_ptr, o_ptr, N, ASM: tl.constexpr, BLOCK: tl.constexpr):
+    def dot(w_ptr, x_ptr, o_ptr, N, ASM: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = offs < N
         w = tl.load(w_ptr + offs, mask=m, other=0)
-        f = fp4x8(w, ASM)
-        for n in tl.static_range(8):
-            tl.store(o_ptr + offs * 8 + n, f[n], mask=m)
+        xs = tl.load(x_ptr + tl.arange(0, 4))
+        x0 = tl.sum(tl.where(tl.arange(0, 4) == 0, xs, 0), axis=0)
+        x1 = tl.sum(tl.where(tl.arange(0, 4) == 1, xs, 0), axis=0)
+        x2 = tl.sum(tl.where(tl.arange(0, 4) == 2, xs, 0), axis=0)
+        x3 = tl.sum(tl.where(tl.arange(0, 4) == 3, xs, 0), axis=0)
+        z = tl.zeros([BLOCK], tl.int32)
+        tl.store(o_ptr + offs, fp4_dot_f16(w, z + x0, z + x1, z + x2, z + x3, ASM), mask=m)
 
     every = torch.arange(16, dtype=torch.int64, device=DEV)
     words = [(every << (4 * n)) for n in range(8)]                       # each nibble value at each position
     g = torch.Generator(device=DEV).manual_seed(5)
     words.append(torch.randint(0, 2 ** 32, (1 << 16,), device=DEV, generator=g))
     w = torch.cat(words).to(torch.int64)
+    nib = torch.stack([(w >> (4 * n)) & 15 for n in range(8)], 1)        # [N, 8]
     w = torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)
-    outs = []
-    for asm in (True, False):
-        o = torch.empty(w.numel() * 8, dtype=torch.float32, device=DEV)
-        dec[(triton.cdiv(w.numel(), 256),)](w, o, w.numel(), ASM=asm, BLOCK=256)
-        outs.append(o)
-    assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))
     e2m1 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0.0, -.5, -1, -1.5, -2, -3, -4, -6], device=DEV)
-    nib = torch.stack([(w.long() >> (4 * n)) & 15 for n in range(8)], 1).reshape(-1)
-    assert torch.equal((outs[0] * 4).view(torch.int32), e2m1[nib].view(torch.int32))
+    one = 0x3C00                                                           # f16 1.0
+    for j in range(4):
+        for lane in range(2):
+            x = torch.zeros(4, dtype=torch.int32, device=DEV)
+            x[j] = one << (16 * lane)
+            outs = []
+            for asm in (True, False):
+                o = torch.empty(w.numel(), dtype=torch.float32, device=DEV)
+                dot[(triton.cdiv(w.numel(), 256),)](w, x, o, w.numel(), ASM=asm, BLOCK=256)
+                outs.append(o)
+            want = e2m1[nib[:, j + 4 * lane]] * 2.0 ** -14
+            assert torch.equal(outs[0], outs[1]), (j, lane)
+            assert torch.equal(outs[0].abs(), want.abs()) and torch.equal(outs[0], want), (j, lane)
+
+
+def test_h2perm_rmsnorm_matches_kernel_x():
+    """rmsnorm(..., hs="h2perm") writes the same f16 x and 2^-k as ``kernel_x``, and x * 2^-k is h exactly."""
+    from mxq.runtime._common import h2perm_index
+    from mxq.runtime.attn_kernels import rmsnorm
+    from mxq.runtime.moe_kernels import kernel_x
+
+    g = torch.Generator(device=DEV).manual_seed(4)
+    x = torch.randn(3, H, device=DEV, generator=g).bfloat16()
+    x[1] *= 1000
+    x[2] *= 1e-3
+    w = (1 + 0.1 * torch.randn(H, device=DEV, generator=g)).float()
+    h, xs = rmsnorm(x, w, 1e-5, hs="h2perm")
+    ref = kernel_x(h, True)
+    assert torch.equal(xs.x, ref.x) and torch.equal(xs.inv, ref.inv)
+    back = xs.x.float()[:, h2perm_index(H, DEV)] * xs.inv[:, None]
+    assert torch.equal(back, h.float())
+    assert float(xs.x.float().abs().amax()) < 2.0 ** 15
 
 
 def test_argmax_advance_matches_torch():

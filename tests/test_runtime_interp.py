@@ -83,7 +83,7 @@ def test_tiny_model_mixed_plan():
 
 @pytest.mark.slow
 def test_stacked_mxfp4_and_bf16_every_gemv_config():
-    """moe_kernels (a checkpoint's stacked experts): the MXFP4 GEMVs read x in the ``xperm`` layout; every
+    """moe_kernels (a checkpoint's stacked experts): the MXFP4 GEMVs read x in the f16 ``h2perm`` layout; every
     autotune config of the decode GEMVs, and the grouped prefill, against the reference (~6 min)."""
     res = run_worker("stacked")
     assert sorted(res) == ["bf16", "mxfp4"]

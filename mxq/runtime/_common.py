@@ -7,7 +7,9 @@ autotuning is skipped (each kernel's first config is used).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -72,11 +74,35 @@ def forced_config(kernels, config):
             k.cache.clear()
 
 
-def xperm_index(n: int, device=None) -> torch.Tensor:
-    """perm[i] = position of element i in the MXFP4 GEMV's x layout (``xperm``: 8w + n -> 4n + w per 32)."""
+def h2perm_index(n: int, device=None) -> torch.Tensor:
+    """perm[i] = position of element i in the MXFP4 GEMV's f16 x layout (``h2perm``): within each block of 32,
+    element 8w + n sits at 8 (n % 4) + 2w + n // 4."""
     i = torch.arange(n, device=device)
     j = i % 32
-    return i - j + (j % 8) * 4 + j // 8
+    n8 = j % 8
+    return i - j + (n8 % 4) * 8 + (j // 8) * 2 + n8 // 4
+
+
+# The MXFP4 GEMV multiplies f16 weights (the E2M1 value times 2^-14, ``fp4_dot_f16``) by f16 activations scaled
+# by a power of two so that |x| < 2^X_EXP: every product is then below 12 in magnitude (no overflow in the f16
+# sums of 4 products) and, for all but negligible x, above the f16 subnormals. The SwiGLU output that feeds the
+# down GEMV is bounded by (limit + 1) * limit (56 for gpt-oss's limit 7), so it gets the fixed factor 2^Y_EXP;
+# ``y_f16_ok`` says whether a model's limit allows that.
+X_EXP = 15
+Y_EXP = 9
+
+
+class GemvX(NamedTuple):
+    """The MXFP4 gate_up GEMV's input: ``x`` [N, K] f16 in ``h2perm`` order, each row scaled by 2^k so that
+    |x| < 2^X_EXP, and ``inv`` [N] fp32 = 2^-k (what ``rmsnorm(..., hs="h2perm")`` writes)."""
+    x: torch.Tensor
+    inv: torch.Tensor
+
+
+def y_f16_ok(limit: float) -> bool:
+    """True when |SwiGLU output| <= (limit + 1) * limit stays below 2^(X_EXP - Y_EXP), so the f16 y of the
+    MXFP4 down GEMV cannot overflow."""
+    return math.isfinite(limit) and limit >= 0 and (limit + 1.0) * limit < 2.0 ** (X_EXP - Y_EXP)
 
 
 def next_pow2(n: int) -> int:
@@ -98,77 +124,116 @@ if HAVE_TRITON:
         sign = (c & (8 << SHIFT)) << (28 - SHIFT)                  # bit 3 of the nibble -> bit 31
         return (v.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
-    # E2M1 magnitudes / 4 (0, 1/8, 1/4, 3/8, 1/2, 3/4, 1, 3/2) as fp32: byte 3 and byte 2 of each value, as two
-    # 8-entry byte tables for prmt (table bytes 0-3 in the first word, 4-7 in the second; OCP MX spec 5.3.3).
-    _FP4_ASM = tl.constexpr("""
+    # One int32 word of an MXFP4 block (nibble n = element 8w + n, low nibble first) times its 8 activations,
+    # in f16. Pair j of the word is (nibble j, nibble j + 4), whose bits sit 16 apart, so one shift + mask of
+    # the word puts both magnitudes' 3 bits at bits 9-11 of each f16 half (e1 e0 in the exponent's two low bits,
+    # m in the top mantissa bit) and another shift + mask both sign bits at bits 15 and 31. That f16 pair is
+    # exactly (E2M1 value) x 2^-14 for all 16 codes: e = 0 lands on the f16 subnormals 0 and 2^-15 = 0.5 x 2^-14,
+    # so no fix-up is needed. ``fma.rn.f16x2`` (no .ftz: subnormals kept) multiplies the pair by the x of the two
+    # nibbles (products exact: 2 x 8 significant bits) and sums the word's products in f16, 4 per lane; the two
+    # lanes are added in fp32. Per 8 weights: 7 shifts, 12 logic ops, 4 HFMA2, 3 to finish, against 29 integer
+    # ops + 8 FFMA in the fp32 decode this replaced (docs/runtime.md).
+    _FP4_F16_ASM = tl.constexpr("""
     {
-    .reg .b32 m, mh, hb, lb, sh, ta, tb, la, lb2, sgn;
-    mov.b32 ta, 0x3E3E3E00;
-    mov.b32 tb, 0x3F3F3F3F;
-    mov.b32 la, 0xC0800000;
-    mov.b32 lb2, 0xC0804000;
-    mov.b32 sgn, 0x80000000;
-    and.b32 m, $8, 0x77777777;
-    shr.b32 mh, m, 16;
-    prmt.b32 hb, ta, tb, m;
-    prmt.b32 lb, la, lb2, m;
-    prmt.b32 $0, hb, lb, 0x0488;
-    prmt.b32 $1, hb, lb, 0x1588;
-    prmt.b32 $2, hb, lb, 0x2688;
-    prmt.b32 $3, hb, lb, 0x3788;
-    shl.b32 sh, $8, 28;
-    lop3.b32 $0, $0, sh, sgn, 0xF8;
-    shl.b32 sh, $8, 24;
-    lop3.b32 $1, $1, sh, sgn, 0xF8;
-    shl.b32 sh, $8, 20;
-    lop3.b32 $2, $2, sh, sgn, 0xF8;
-    shl.b32 sh, $8, 16;
-    lop3.b32 $3, $3, sh, sgn, 0xF8;
-    prmt.b32 hb, ta, tb, mh;
-    prmt.b32 lb, la, lb2, mh;
-    prmt.b32 $4, hb, lb, 0x0488;
-    prmt.b32 $5, hb, lb, 0x1588;
-    prmt.b32 $6, hb, lb, 0x2688;
-    prmt.b32 $7, hb, lb, 0x3788;
-    shl.b32 sh, $8, 12;
-    lop3.b32 $4, $4, sh, sgn, 0xF8;
-    shl.b32 sh, $8, 8;
-    lop3.b32 $5, $5, sh, sgn, 0xF8;
-    shl.b32 sh, $8, 4;
-    lop3.b32 $6, $6, sh, sgn, 0xF8;
-    lop3.b32 $7, $7, $8, sgn, 0xF8;
+    .reg .b32 v, s, a;
+    .reg .b16 l, h;
+    .reg .f32 fl, fh;
+    shl.b32 v, $1, 9;
+    and.b32 v, v, 0x0E000E00;
+    shl.b32 s, $1, 12;
+    and.b32 s, s, 0x80008000;
+    or.b32 v, v, s;
+    mul.rn.f16x2 a, v, $2;
+    shl.b32 v, $1, 5;
+    and.b32 v, v, 0x0E000E00;
+    shl.b32 s, $1, 8;
+    and.b32 s, s, 0x80008000;
+    or.b32 v, v, s;
+    fma.rn.f16x2 a, v, $3, a;
+    shl.b32 v, $1, 1;
+    and.b32 v, v, 0x0E000E00;
+    shl.b32 s, $1, 4;
+    and.b32 s, s, 0x80008000;
+    or.b32 v, v, s;
+    fma.rn.f16x2 a, v, $4, a;
+    shr.b32 v, $1, 3;
+    and.b32 v, v, 0x0E000E00;
+    and.b32 s, $1, 0x80008000;
+    or.b32 v, v, s;
+    fma.rn.f16x2 a, v, $5, a;
+    mov.b32 {l, h}, a;
+    cvt.f32.f16 fl, l;
+    cvt.f32.f16 fh, h;
+    add.f32 $0, fl, fh;
     }
     """)
 
     FP4_ASM = tl.constexpr(not INTERPRET)     # inline PTX is compiled code: not for the interpreter
 
     @triton.jit
-    def fp4x8(w, ASM: tl.constexpr):
-        """The 8 E2M1 nibbles of the int32 word ``w`` (nibble n = bits 4n..4n+3, i.e. element 8*word + n of an
-        MXFP4 block) as 8 fp32 tensors, each a quarter of the E2M1 value (callers scale by ``e8m0_x4``).
-
-        ``ASM``: about 3.6 integer instructions per weight instead of ~9 -- two ``prmt`` byte-table lookups give
-        the top two bytes of the fp32 of 4 magnitudes at once, one ``prmt`` per weight assembles the fp32 (its
-        two low bytes are zero through prmt's sign-replicate mode on a table byte below 0x80), one shift and
-        one ``lop3`` copy the sign bit. The fallback (``fp4q`` per nibble) is for the Triton interpreter."""
-        if ASM:
-            return tl.inline_asm_elementwise(
-                _FP4_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w],
-                dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32,
-                       tl.float32), is_pure=True, pack=1)
-        else:
-            return (fp4q(w, 0), fp4q(w, 4), fp4q(w >> 8, 0), fp4q(w >> 8, 4), fp4q(w >> 16, 0),
-                    fp4q(w >> 16, 4), fp4q(w >> 24, 0), fp4q(w >> 24, 4))
+    def f16_lanes(v):
+        """An int32 tensor of f16 pairs -> (low half, high half) as fp32."""
+        lo = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = ((v >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, hi
 
     @triton.jit
-    def xperm(offs):
-        """Position of element ``offs`` in the MXFP4 GEMV's x layout: within each block of 32, element 8w + n
-        (nibble n of the block's int32 word w) is stored at 4n + w. The GEMV then loads, for each n, the x of
-        the 4 words of a group as one 16-byte vector, in the same register layout as the 4 weight words (a
-        [BG, 4] tile like the words' [R, BG, 4]): no layout conversion through shared memory, and x is read
-        once per weight with a multiply-add chain per word."""
+    def fp4_pair_f16(w, VS: tl.constexpr, SS: tl.constexpr):
+        """Pair (nibble j, nibble j + 4) of the int32 word ``w`` as an f16 pair (int32), each E2M1 value x 2^-14:
+        magnitude bits shifted by VS (negative: right) to bits 9-11 / 25-27, sign bits by SS to 15 / 31."""
+        if VS >= 0:
+            v = w << VS
+        else:
+            v = w >> (-VS)
+        return (v & 0x0E000E00) | ((w << SS) & -0x7FFF8000)                   # -0x7FFF8000: 0x80008000 as int32
+
+    @triton.jit
+    def fp4_dot_f16(w, x0, x1, x2, x3, ASM: tl.constexpr):
+        """Sum over the 8 nibbles of the int32 word ``w`` of (E2M1 value x 2^-14) * x, as fp32; ``xj`` is the f16
+        pair (int32) holding the x of nibbles j and j + 4 (the ``h2perm`` layout stores them side by side).
+
+        ``ASM``: the f16x2 PTX above. The fallback (the Triton interpreter) decodes the same f16 pairs with
+        integer ops and sums the exact products in fp32 (the GPU rounds each lane's running sum to f16)."""
+        if ASM:
+            return tl.inline_asm_elementwise(_FP4_F16_ASM, "=r,r,r,r,r,r", [w, x0, x1, x2, x3],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            w0l, w0h = f16_lanes(fp4_pair_f16(w, 9, 12))
+            w1l, w1h = f16_lanes(fp4_pair_f16(w, 5, 8))
+            w2l, w2h = f16_lanes(fp4_pair_f16(w, 1, 4))
+            w3l, w3h = f16_lanes(fp4_pair_f16(w, -3, 0))
+            a0, b0 = f16_lanes(x0)
+            a1, b1 = f16_lanes(x1)
+            a2, b2 = f16_lanes(x2)
+            a3, b3 = f16_lanes(x3)
+            return w0l * a0 + w0h * b0 + w1l * a1 + w1h * b1 + w2l * a2 + w2h * b2 + w3l * a3 + w3h * b3
+
+    @triton.jit
+    def h2perm(offs):
+        """Position of element ``offs`` in the MXFP4 GEMV's f16 x layout: within each block of 32, element
+        8w + n (nibble n of the block's int32 word w) is stored at 8 (n % 4) + 2w + n // 4, so for each j = 0..3
+        the x pairs of nibbles (j, j + 4) of words 0..3 are one 16-byte vector, word-major, in the same register
+        layout as the 4 weight words: no layout conversion in the GEMV."""
         j = offs % 32
-        return offs - j + (j % 8) * 4 + j // 8
+        n = j % 8
+        return offs - j + (n % 4) * 8 + (j // 8) * 2 + n // 4
+
+    @triton.jit
+    def x16_scale(amax):
+        """(2^k, 2^-k) as fp32 for the largest k with amax * 2^k < 2^X_EXP (= 2^15), from the exponent bits of
+        ``amax`` (amax < 2^(e - 126) for biased exponent e, so k = 141 - e); exact powers of two. e is clamped
+        to [16, 254] (an all-zero row gets 2^125, which multiplies zeros)."""
+        e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        e = tl.minimum(tl.maximum(e, 16), 254)
+        up = ((268 - e) << 23).to(tl.float32, bitcast=True)                # 2^(141 - e)
+        down = ((e - 14) << 23).to(tl.float32, bitcast=True)               # 2^(e - 141)
+        return up, down
+
+    @triton.jit
+    def e8m0_f16dec(s):
+        """E8M0 scale byte -> 2^(s-127) x 2^14 as fp32 (undoes ``fp4_dot_f16``'s 2^-14); exact for bytes 0..240
+        (larger ones, weights of magnitude >= 2^114, which no bf16 model has, overflow to inf)."""
+        return ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
     def x_parts(xv, NG: tl.constexpr, GW: tl.constexpr, EPW: tl.constexpr):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from ._common import INTERPRET, bf16r, mma, next_pow2, tl, triton, xperm
+from ._common import INTERPRET, GemvX, bf16r, h2perm, mma, next_pow2, tl, triton, x16_scale
 
 # ----------------------------------------------------------------------------------------------- RMSNorm
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, d_ptr, xo_ptr, h_ptr, hs_ptr, w_ptr, H, eps,
+def _rmsnorm_kernel(x_ptr, d_ptr, xo_ptr, h_ptr, hs_ptr, inv_ptr, w_ptr, H, eps,
                     ADD: tl.constexpr, TOPK: tl.constexpr, HS: tl.constexpr, BH: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BH)
@@ -35,8 +35,11 @@ def _rmsnorm_kernel(x_ptr, d_ptr, xo_ptr, h_ptr, hs_ptr, w_ptr, H, eps,
     tl.store(h_ptr + row * H + offs, h, mask=m)
     if HS == 1:                                    # fp32 copy for the bf16-expert GEMV
         tl.store(hs_ptr + row * H + offs, h.to(tl.float32), mask=m)
-    if HS == 2:                                    # fp32 copy in the MXFP4 GEMV's order (``xperm``)
-        tl.store(hs_ptr + row * H + xperm(offs), h.to(tl.float32), mask=m)
+    if HS == 2:                                    # f16 copy x 2^k for the MXFP4 GEMV (``h2perm``), and 2^-k
+        hf = h.to(tl.float32)
+        up, down = x16_scale(tl.max(tl.abs(hf), axis=0))
+        tl.store(hs_ptr + row * H + h2perm(offs), (hf * up).to(tl.float16), mask=m)
+        tl.store(inv_ptr + row, down)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None,
@@ -44,21 +47,23 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tens
     """RMSNorm of x [N, H] in fp32 (like ``mxq.model.attention.rms_norm``), first adding to the residual x
     either ``delta`` [N, H] bf16 or the MoE partials ``moe`` [N, k, H] fp32 (x <- bf16(x + bf16(sum_j))).
 
-    Returns h, or (x_new, h) with an add; ``hs`` ("fp32" or "xperm") also returns an fp32 copy of h for the
-    expert GEMV kernels."""
+    Returns h, or (x_new, h) with an add; ``hs`` also returns h for the expert GEMV kernels: "fp32" an fp32
+    copy, "h2perm" the MXFP4 GEMV's ``GemvX`` (f16 in ``h2perm`` order, scaled per row by a power of two)."""
     n, hd = x.shape
     h = torch.empty_like(x)
     add = 1 if delta is not None else 2 if moe is not None else 0
     d = delta if delta is not None else moe if moe is not None else x
     xo = torch.empty_like(x) if add else x
-    hs_mode = {None: 0, "fp32": 1, "xperm": 2}[hs]
-    hsb = torch.empty(n, hd, dtype=torch.float32, device=x.device) if hs_mode else h
-    _rmsnorm_kernel[(n,)](x, d, xo, h, hsb, weight, hd, float(eps), ADD=add,
+    hs_mode = {None: 0, "fp32": 1, "h2perm": 2}[hs]
+    hsb = torch.empty(n, hd, dtype=torch.float16 if hs_mode == 2 else torch.float32, device=x.device) \
+        if hs_mode else h
+    inv = torch.empty(n, dtype=torch.float32, device=x.device) if hs_mode == 2 else h
+    _rmsnorm_kernel[(n,)](x, d, xo, h, hsb, inv, weight, hd, float(eps), ADD=add,
                           TOPK=moe.shape[1] if moe is not None else 1, HS=hs_mode, BH=next_pow2(hd),
                           num_warps=8 if hd > 2048 else 4)
     out = (xo, h) if add else (h,)
     if hs_mode:
-        out = out + (hsb,)
+        out = out + ((GemvX(hsb, inv) if hs_mode == 2 else hsb),)
     return out if len(out) > 1 else out[0]
 
 

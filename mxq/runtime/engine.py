@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import INTERPRET, require_triton
+from ._common import INTERPRET, require_triton, y_f16_ok
 from .attn_kernels import advance, argmax_advance, embed_at, rmsnorm, rope_cache, sink_attention
 from .linear_kernels import linear_gemv
 from .fmt_kernels import FmtExperts, fmt_down_gemv, fmt_gate_up_gemv, fmt_moe_grouped
@@ -86,11 +86,12 @@ def stacked_experts(experts, kind: str) -> ExpertWeights | FmtExperts:
 def layer_experts(experts) -> tuple[ExpertWeights, ExpertWeights] | tuple[FmtExperts, FmtExperts]:
     """(gate_up, down) weights of one layer: both ``ExpertWeights`` when both kinds are uniformly stacked
     MXFP4/bf16, else both ``FmtExperts`` (the decode GEMVs and prefill GEMMs of one family pass x and y
-    between them in the same layout)."""
+    between them in the same layout). A stacked MXFP4 down projection also needs a SwiGLU limit that bounds
+    its f16 input (``y_f16_ok``: gpt-oss's 7 does); other limits take ``FmtExperts``' fp32 path."""
     _check_packed(experts)
     gu, dn = _uniform_stacked(experts, "gate_up"), _uniform_stacked(experts, "down")
-    if gu is not None and dn is not None:
-        return gu, dn
+    if gu is not None and dn is not None and not (dn.fp4 and not y_f16_ok(float(experts.limit))):
+        return gu, dn                  # (an MXFP4 down GEMV takes its input in f16: see _common.y_f16_ok)
     return _fmt_experts(experts, "gate_up"), _fmt_experts(experts, "down")
 
 
@@ -195,7 +196,7 @@ class Runtime:
             o = sink_attention(qr, kc, vc, L.sinks, st.pos, t, L.window, self.scale, split=decode)
             if decode:
                 a = linear_gemv(o.view(n, -1), [(L.wo, L.bo)])[0]
-                x, h2, hs = rmsnorm(x, L.ln2, self.eps, delta=a, hs="xperm" if L.gu.fp4 else "fp32")
+                x, h2, hs = rmsnorm(x, L.ln2, self.eps, delta=a, hs="h2perm" if L.gu.fp4 else "fp32")
             else:
                 a = F.linear(o.view(n, -1), L.wo, L.bo)
                 x, h2 = rmsnorm(x, L.ln2, self.eps, delta=a)

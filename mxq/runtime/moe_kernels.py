@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (INTERPRET, autotune, bf16r, cfg, e8m0_x4, FP4_ASM, fp4q, fp4x8, launch, mma, next_pow2, swiglu, tl,
-                      triton, xperm, xperm_index)
+from ._common import (INTERPRET, X_EXP, Y_EXP, GemvX, autotune, bf16r, cfg, e8m0_f16dec, e8m0_x4, FP4_ASM, fp4_dot_f16, fp4q,
+                      h2perm, h2perm_index, launch, mma, next_pow2, swiglu, tl, triton)
 
 # ----------------------------------------------------------------------------------------------- router
 
@@ -82,44 +82,35 @@ def router_topk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, top_k: int) -
 @triton.jit
 def _rows_dot_fp4(x_row, blk, scl, rows, rmask, G, s_row, s_srow, R: tl.constexpr, BG: tl.constexpr,
                   NS: tl.constexpr):
-    """acc[r] = sum_k x[k] W[rows[r], k] for one MXFP4 expert (``blk``/``scl`` point at the expert).
+    """acc[r] = sum_k x[k] W[rows[r], k] (times the x scale) for one MXFP4 expert (``blk``/``scl`` at the expert).
 
-    ``x_row``: fp32 in ``xperm`` order. Each iteration covers BG scale groups: the 16 bytes of a group are 4
-    int32 words, word w holding elements 8w + n (nibble n, low nibble first); ``fp4x8`` decodes a word to 8
-    tensors [R, BG, 4], each multiplied by the x tile [BG, 4] of its nibble (one 16-byte load per group, laid
-    out like the words by ``xperm``) in one multiply-add chain per word.
+    ``x_row``: f16 in ``h2perm`` order, scaled by a power of two (|x| < 2^15; the caller multiplies the result
+    back). Each iteration covers BG scale groups: the 16 bytes of a group are 4 int32 words, word w holding
+    elements 8w + n (nibble n, low nibble first); ``fp4_dot_f16`` turns a word and its 4 x pairs into the fp32
+    sum of its 8 products (f16 weights and products, two f16 lanes); the 4 words of a group are summed in fp32
+    and multiplied by the group's scale once. The x pairs of slot j for the 4 words of a group are one 16-byte
+    load [BG, 4], laid out like the words [R, BG, 4] by ``h2perm``.
 
-    ``NS`` (``tl.range(num_stages=NS)``): NS > 1 software-pipelines the weight loads through ``cp.async``.
-    A plain ``range`` loop is never pipelined for loads that do not feed ``tl.dot`` (sm_90 SASS: one 16-byte
-    load per thread in flight whatever the config's ``num_stages``); measured with weights cold in L2
-    (bench/gemv_configs.py), NS = 1 was still the fastest for these kernels on an H100, which points at
-    instruction issue (about 7 SASS instructions per weight, most of them the FP4 decode), not load latency.
-    The scale bytes are prefetched one iteration ahead in registers."""
+    ``NS`` (``tl.range(num_stages=NS)``): NS > 1 software-pipelines the weight loads through ``cp.async``
+    (Triton 3.6 pipelines a plain ``range`` loop only for loads that feed ``tl.dot``)."""
     offs_g = tl.arange(0, BG)
     offs_w = tl.arange(0, 4)
     blk32 = blk.to(tl.pointer_type(tl.int32))
+    x32 = x_row.to(tl.pointer_type(tl.int32))                                   # f16 pairs
     wrow = blk32 + rows[:, None, None].to(tl.int64) * (s_row // 4) + offs_w[None, None, :]
-    sp = scl + rows[:, None].to(tl.int64) * s_srow + offs_g[None, :]
-    s_next = tl.load(sp, mask=rmask[:, None] & (offs_g < G)[None, :], other=0)
+    sp = scl + rows[:, None].to(tl.int64) * s_srow
     acc = tl.zeros([R, BG], dtype=tl.float32)
     for g0 in tl.range(0, G, BG, num_stages=NS):
         gg = g0 + offs_g
         gm = gg < G
         wd = tl.load(wrow + gg[None, :, None] * 4, mask=rmask[:, None, None] & gm[None, :, None],
                      other=0)                                                   # [R, BG, 4] int32 words
-        s = e8m0_x4(s_next)                                                     # [R, BG]
-        s_next = tl.load(sp + g0 + BG, mask=rmask[:, None] & (gg + BG < G)[None, :], other=0)
-        xb = x_row + gg[:, None] * 32 + offs_w[None, :]                         # [BG, 4]: x of nibble 0
+        s = e8m0_f16dec(tl.load(sp + gg[None, :], mask=rmask[:, None] & gm[None, :], other=0))   # [R, BG]
+        xb = x32 + gg[:, None] * 16 + offs_w[None, :]                           # [BG, 4]: pair slot 0
         xm = gm[:, None]
-        f0, f1, f2, f3, f4, f5, f6, f7 = fp4x8(wd, FP4_ASM)
-        part = f0 * tl.load(xb, mask=xm, other=0.0)[None]                      # [R, BG, 4]
-        part += f1 * tl.load(xb + 4, mask=xm, other=0.0)[None]                 # a strict chain: one FMA each
-        part += f2 * tl.load(xb + 8, mask=xm, other=0.0)[None]
-        part += f3 * tl.load(xb + 12, mask=xm, other=0.0)[None]
-        part += f4 * tl.load(xb + 16, mask=xm, other=0.0)[None]
-        part += f5 * tl.load(xb + 20, mask=xm, other=0.0)[None]
-        part += f6 * tl.load(xb + 24, mask=xm, other=0.0)[None]
-        part += f7 * tl.load(xb + 28, mask=xm, other=0.0)[None]
+        part = fp4_dot_f16(wd, tl.load(xb, mask=xm, other=0)[None], tl.load(xb + 4, mask=xm, other=0)[None],
+                           tl.load(xb + 8, mask=xm, other=0)[None], tl.load(xb + 12, mask=xm, other=0)[None],
+                           FP4_ASM)                                             # [R, BG, 4] fp32
         acc += tl.sum(part, axis=2) * s
     return tl.sum(acc, axis=1)
 
@@ -147,8 +138,8 @@ _GEMV_CONFIGS = [cfg(4, 2, BN=4, BG=16, NS=1), cfg(4, 2, BN=8, BG=16, NS=1), cfg
 
 @autotune(_GEMV_CONFIGS, key=["P", "I", "K", "FP4"])
 @triton.jit
-def _gate_up_gemv_kernel(x_ptr, idx_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, P, K, I, G,
-                         s_e, s_row, s_se, s_srow, alpha, limit,
+def _gate_up_gemv_kernel(x_ptr, xinv_ptr, idx_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, P, K, I, G,
+                         s_e, s_row, s_se, s_srow, alpha, limit, y_scale,
                          TOPK: tl.constexpr, FP4: tl.constexpr, YPERM: tl.constexpr, BN: tl.constexpr,
                          BG: tl.constexpr, NS: tl.constexpr):
     p = tl.program_id(0)
@@ -160,6 +151,7 @@ def _gate_up_gemv_kernel(x_ptr, idx_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, P, K, I,
     x_row = x_ptr + t * K
     if FP4:
         acc = _rows_dot_fp4(x_row, w_ptr + e * s_e, s_ptr + e * s_se, rows, rm, G, s_row, s_srow, 2 * BN, BG, NS)
+        acc = acc * tl.load(xinv_ptr + t)                                       # undo the x scale
     else:
         acc = _rows_dot_bf16(x_row, w_ptr + e * s_e, rows, rm, K, s_row, 2 * BN, BG * 32, NS)
     bias = tl.load(bias_ptr + e * (2 * I) + rows, mask=rm, other=0.0).to(tl.float32)
@@ -167,17 +159,16 @@ def _gate_up_gemv_kernel(x_ptr, idx_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, P, K, I,
     a_g, a_u = tl.split(tl.reshape(a, (BN, 2)))
     y = bf16r(swiglu(a_g, a_u, alpha, limit))          # the reference's y is bf16; kept in fp32 for down
     offs = nb * BN + tl.arange(0, BN)
-    if YPERM:
-        dst = xperm(offs)
+    if YPERM:                                          # f16 x 2^Y_EXP in the MXFP4 down GEMV's layout
+        tl.store(y_ptr + p.to(tl.int64) * I + h2perm(offs), (y * y_scale).to(tl.float16), mask=offs < I)
     else:
-        dst = offs
-    tl.store(y_ptr + p.to(tl.int64) * I + dst, y, mask=offs < I)
+        tl.store(y_ptr + p.to(tl.int64) * I + offs, y, mask=offs < I)
 
 
 @autotune(_GEMV_CONFIGS, key=["P", "H", "K", "FP4"])
 @triton.jit
 def _down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, w_ptr, s_ptr, bias_ptr, z_ptr, P, K, H, G,
-                      s_e, s_row, s_se, s_srow,
+                      s_e, s_row, s_se, s_srow, y_inv,
                       FP4: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, NS: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)                  # (token, slot) pair
     hb = tl.program_id(1)
@@ -188,6 +179,7 @@ def _down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, w_ptr, s_ptr, bias_ptr, z_ptr, P, 
     y_row = y_ptr + p * K
     if FP4:
         acc = _rows_dot_fp4(y_row, w_ptr + e * s_e, s_ptr + e * s_se, rows, rm, G, s_row, s_srow, BN, BG, NS)
+        acc = acc * y_inv
     else:
         acc = _rows_dot_bf16(y_row, w_ptr + e * s_e, rows, rm, K, s_row, BN, BG * 32, NS)
     bias = tl.load(bias_ptr + e * H + rows, mask=rm, other=0.0).to(tl.float32)
@@ -215,29 +207,38 @@ class ExpertWeights:
         self.groups = in_features // 32
 
 
-def gate_up_gemv(xs: torch.Tensor, idx: torch.Tensor, gu: ExpertWeights, bias: torch.Tensor, alpha: float,
+def gate_up_gemv(xs: torch.Tensor | GemvX, idx: torch.Tensor, gu: ExpertWeights, bias: torch.Tensor, alpha: float,
                  limit: float, yperm: bool) -> torch.Tensor:
-    """xs [N, H] fp32 (``xperm`` order when ``gu`` is MXFP4), idx [N, k] int32 -> y [N*k, I] fp32 holding the
-    bf16 SwiGLU of gate_up + bias (``xperm`` order when ``yperm``), pair p = t*k + j."""
+    """xs: ``GemvX`` when ``gu`` is MXFP4, else [N, H] fp32; idx [N, k] int32 -> y [N*k, I] holding the bf16
+    SwiGLU of gate_up + bias, pair p = t*k + j: fp32 in natural order, or (``yperm``, for an MXFP4 down GEMV)
+    f16 x 2^Y_EXP in ``h2perm`` order (``y_natural`` undoes both)."""
     n, k = idx.shape
     i = gu.out_f // 2
-    y = torch.empty(n * k, i, dtype=torch.float32, device=xs.device)
+    if gu.fp4 != isinstance(xs, GemvX):
+        raise TypeError("gate_up_gemv: MXFP4 experts take a GemvX (rmsnorm(..., hs='h2perm')), bf16 experts "
+                        "an fp32 tensor")
+    x, inv = (xs.x, xs.inv) if gu.fp4 else (xs, xs)
+    y = torch.empty(n * k, i, dtype=torch.float16 if yperm else torch.float32, device=x.device)
     launch(_gate_up_gemv_kernel, lambda m: (n * k, triton.cdiv(i, m["BN"])),
-           xs, idx, gu.w, gu.s, bias, y, n * k, gu.in_f, i, gu.groups, gu.s_e, gu.s_row, gu.s_se, gu.s_srow,
-           float(alpha), float(limit), TOPK=k, FP4=gu.fp4, YPERM=yperm)
+           x, inv, idx, gu.w, gu.s, bias, y, n * k, gu.in_f, i, gu.groups, gu.s_e, gu.s_row, gu.s_se, gu.s_srow,
+           float(alpha), float(limit), float(2.0 ** Y_EXP), TOPK=k, FP4=gu.fp4, YPERM=yperm)
     return y
 
 
 def down_gemv(y: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, dn: ExpertWeights,
               bias: torch.Tensor) -> torch.Tensor:
-    """y [N*k, I] fp32 (from ``gate_up_gemv``), idx/wt [N, k] -> z [N, k, H] fp32 = wt * bf16(y W_down^T + b);
-    the sum over k and the residual add happen in the next RMSNorm (``rmsnorm(..., moe=z)``)."""
+    """y [N*k, I] (from ``gate_up_gemv``: f16 ``h2perm`` x 2^Y_EXP when ``dn`` is MXFP4, else fp32), idx/wt
+    [N, k] -> z [N, k, H] fp32 = wt * bf16(y W_down^T + b); the sum over k and the residual add happen in the
+    next RMSNorm (``rmsnorm(..., moe=z)``)."""
     n, k = idx.shape
     h = dn.out_f
+    if (y.dtype == torch.float16) != dn.fp4:
+        raise TypeError(f"down_gemv: {dn.fmt} experts cannot take a {y.dtype} y (gate_up_gemv's yperm must be "
+                        f"{dn.fp4})")
     z = torch.empty(n, k, h, dtype=torch.float32, device=y.device)
     launch(_down_gemv_kernel, lambda m: (n * k, triton.cdiv(h, m["BN"])),
            y, idx, wt, dn.w, dn.s, bias, z, n * k, dn.in_f, h, dn.groups, dn.s_e, dn.s_row, dn.s_se, dn.s_srow,
-           FP4=dn.fp4)
+           float(2.0 ** -Y_EXP), FP4=dn.fp4)
     return z
 
 
@@ -397,11 +398,22 @@ def moe_grouped(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gu: Expert
     return z.view(n, k, h)
 
 
-def kernel_x(x: torch.Tensor, fp4: bool) -> torch.Tensor:
-    """x [N, K] -> the fp32 input ``gate_up_gemv`` expects (what ``rmsnorm(..., hs=...)`` writes)."""
+def kernel_x(x: torch.Tensor, fp4: bool) -> torch.Tensor | GemvX:
+    """x [N, K] -> the input ``gate_up_gemv`` expects (what ``rmsnorm(..., hs=...)`` writes): fp32 for bf16
+    experts; for MXFP4 a ``GemvX`` (f16 in ``h2perm`` order, each row times the power of two 2^k that brings
+    max |x| just below 2^X_EXP, and 2^-k)."""
     xs = x.float()
     if not fp4:
         return xs.contiguous()
-    out = torch.empty_like(xs)
-    out[:, xperm_index(x.shape[1], x.device)] = xs
-    return out
+    amax = xs.abs().amax(dim=1).clamp_min(2.0 ** -110)
+    k = (X_EXP - torch.frexp(amax).exponent).float()                      # amax < 2^exponent: amax * 2^k < 2^X_EXP
+    out = torch.empty(xs.shape, dtype=torch.float16, device=x.device)
+    out[:, h2perm_index(x.shape[1], x.device)] = (xs * torch.exp2(k)[:, None]).half()
+    return GemvX(out, torch.exp2(-k).float().contiguous())
+
+
+def y_natural(y: torch.Tensor) -> torch.Tensor:
+    """``gate_up_gemv``'s y as fp32 in natural order (undoing ``yperm``'s f16 layout and scale)."""
+    if y.dtype != torch.float16:
+        return y
+    return y.float()[:, h2perm_index(y.shape[1], y.device)] * 2.0 ** -Y_EXP
