@@ -175,7 +175,7 @@ def kernel_breakdown(rt, reps: int = 5) -> dict:
         L = rt.layers[i]
         return sink_attention(qr, st.cache.k[i], st.cache.v[i], L.sinks, pos, 1, L.window, rt.scale, True)
     ops = {
-        "add_rmsnorm (attn)": lambda i: rmsnorm(x, rt.layers[i].ln2, rt.eps, delta=x, hs="xperm"),
+        "add_rmsnorm (attn)": lambda i: rmsnorm(x, rt.layers[i].ln2, rt.eps, delta=x, hs="h2perm"),
         "moe_sum_rmsnorm": lambda i: rmsnorm(x, rt.layers[i].ln1, rt.eps, moe=z),
         "q_k_v GEMV": lambda i: linear_gemv(x, [(rt.layers[i].wq, rt.layers[i].bq), (rt.layers[i].wk, rt.layers[i].bk),
                                                 (rt.layers[i].wv, rt.layers[i].bv)]),

@@ -135,7 +135,7 @@ def main() -> None:
             idx_r32 = idx_r.int().contiguous()
             if decode:
                 _, _, hs = rmsnorm(x, L.ln2, rt.eps, delta=r["attn"].reshape(t, -1),
-                                   hs="xperm" if L.gu.fp4 else "fp32")
+                                   hs="h2perm" if L.gu.fp4 else "fp32")
                 y = gate_up_gemv(hs, idx_r32, L.gu, L.gu_bias, rt.alpha, rt.limit, yperm=L.dn.fp4)
                 z = down_gemv(y, idx_r32, w_r.contiguous(), L.dn, L.dn_bias)
             else:
