@@ -227,6 +227,13 @@ _FMT_GEMV_CONFIGS = [cfg(4, 2, BN=8, BW=32, NS=3), cfg(4, 2, BN=4, BW=64, NS=3),
 _GEMV_KEY = ["P", "K", "FMT", "GW", "SROW", "ASYM"]
 
 
+@triton.jit
+def _slot_of(slot_ptr, sidx_ptr, e, slot):
+    """(expert ``e`` is in this launch's format stack, its index j in that stack): one launch per stack, a
+    program whose expert lives in another stack stores nothing (``FmtExperts``)."""
+    return tl.load(slot_ptr + e) == slot, tl.load(sidx_ptr + e).to(tl.int64)
+
+
 @autotune(_FMT_GEMV_CONFIGS, key=_GEMV_KEY + ["I"])
 @triton.jit(do_not_specialize=["slot"])
 def _fmt_gate_up_gemv_kernel(x_ptr, idx_ptr, slot_ptr, sidx_ptr, slot, w_ptr, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr,
@@ -238,8 +245,7 @@ def _fmt_gate_up_gemv_kernel(x_ptr, idx_ptr, slot_ptr, sidx_ptr, slot, w_ptr, s_
     nb = tl.program_id(1)
     t = (p // TOPK).to(tl.int64)
     e = tl.load(idx_ptr + p)
-    mine = tl.load(slot_ptr + e) == slot                  # the pair's expert is in this launch's format
-    j = tl.load(sidx_ptr + e).to(tl.int64)
+    mine, j = _slot_of(slot_ptr, sidx_ptr, e, slot)
     rows = nb * (2 * BN) + tl.arange(0, 2 * BN)           # interleaved gate (even) / up (odd) rows
     rm = (rows < 2 * I) & mine
     acc = _fmt_rows_dot(x_ptr + t * K, w_ptr + j * s_we, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, j, rows, rm,
@@ -262,8 +268,7 @@ def _fmt_down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, slot_ptr, sidx_ptr, slot, w_pt
     p = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     e = tl.load(idx_ptr + p)
-    mine = tl.load(slot_ptr + e) == slot
-    j = tl.load(sidx_ptr + e).to(tl.int64)
+    mine, j = _slot_of(slot_ptr, sidx_ptr, e, slot)
     rows = hb * BN + tl.arange(0, BN)
     rm = (rows < H) & mine
     gw = tl.load(wt_ptr + p)
@@ -295,8 +300,7 @@ def _fmt_gate_up_grouped_kernel(x_ptr, order_ptr, te_ptr, ts_ptr, tn_ptr, slot_p
     BW: tl.constexpr = BK // EPW
     nb = tl.program_id(1)
     e, rows, rm, live = tile_rows(ts_ptr, tn_ptr, te_ptr, BM)
-    mine = tl.load(slot_ptr + e) == slot                  # the tile's expert is in this launch's format
-    j = tl.load(sidx_ptr + e).to(tl.int64)
+    mine, j = _slot_of(slot_ptr, sidx_ptr, e, slot)
     rm = rm & mine
     pair = tl.load(order_ptr + rows, mask=rm, other=0)
     tok = (pair // TOPK).to(tl.int64)
@@ -326,8 +330,7 @@ def _fmt_down_grouped_kernel(y_ptr, order_ptr, wt_ptr, te_ptr, ts_ptr, tn_ptr, s
     BW: tl.constexpr = BK // EPW
     nb = tl.program_id(1)
     e, rows, rm, live = tile_rows(ts_ptr, tn_ptr, te_ptr, BM)
-    mine = tl.load(slot_ptr + e) == slot                  # the tile's expert is in this launch's format
-    j = tl.load(sidx_ptr + e).to(tl.int64)
+    mine, j = _slot_of(slot_ptr, sidx_ptr, e, slot)
     rm = rm & mine
     pair = tl.load(order_ptr + rows, mask=rm, other=0).to(tl.int64)
     gw = tl.load(wt_ptr + pair, mask=rm, other=0.0)
@@ -486,7 +489,7 @@ class FmtExperts:
     """One layer kind's experts for the ``fmt_*`` kernels: a stack per format present, and on the device
     ``slot`` [E] (which stack holds expert e) and ``sidx`` [E] (its index there)."""
 
-    fp4 = False                                   # x and y in plain fp32 order (no ``xperm``)
+    fp4 = False                                   # x and y in plain fp32 order (no ``h2perm``)
 
     def __init__(self, experts, kind: str, repoint: bool = True):
         e_n = experts.num_experts
