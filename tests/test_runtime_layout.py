@@ -13,15 +13,13 @@ import math
 import torch
 
 from mxq.formats.mxfp4 import FP4_VALUES
-from mxq.runtime._common import X_EXP, Y_EXP, h2perm_index, y_f16_ok
-
-# (value shift, sign shift) per pair slot j = 0..3, as in the PTX: magnitude bits of nibble j to bits 9-11
-_SHIFTS = [(9, 12), (5, 8), (1, 4), (-3, 0)]
+from mxq.runtime._common import FP4_PAIR_SHIFTS, X_EXP, Y_EXP, h2perm_index, y_f16_ok
 
 
 def pair_f16(w: int, j: int) -> tuple[float, float]:
-    """Pair slot j of the 32-bit word w decoded exactly as the kernel does, as two Python floats."""
-    vs, ss = _SHIFTS[j]
+    """Pair slot j of the 32-bit word w decoded exactly as the kernel's PTX (built from ``FP4_PAIR_SHIFTS``) does,
+    as two Python floats."""
+    vs, ss = FP4_PAIR_SHIFTS[j]
     v = ((w << vs) if vs >= 0 else (w >> -vs)) & 0x0E000E00
     v |= (w << ss) & 0x80008000
     v &= 0xFFFFFFFF

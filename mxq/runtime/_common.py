@@ -109,6 +109,28 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+# (magnitude shift, sign shift) of pair slot j = 0..3 (nibbles j, j + 4) of an MXFP4 word: the 3 magnitude bits
+# of nibble j move to bits 9-11 (negative: a right shift), its sign bit to bit 15; nibble j + 4 follows 16 bits up.
+FP4_PAIR_SHIFTS = ((9, 12), (5, 8), (1, 4), (-3, 0))
+
+
+def _fp4_f16_asm() -> str:
+    """The PTX of ``fp4_dot_f16``, one block per pair slot of ``FP4_PAIR_SHIFTS``: $1 the word, $2..$5 the x
+    pairs of slots 0..3, $0 the fp32 sum of the 8 products."""
+    lines = [".reg .b32 v, s, a;", ".reg .b16 l, h;", ".reg .f32 fl, fh;"]
+    for j, (vs, ss) in enumerate(FP4_PAIR_SHIFTS):
+        lines.append(f"shl.b32 v, $1, {vs};" if vs >= 0 else f"shr.b32 v, $1, {-vs};")
+        lines.append("and.b32 v, v, 0x0E000E00;")
+        if ss:
+            lines += [f"shl.b32 s, $1, {ss};", "and.b32 s, s, 0x80008000;"]
+        else:
+            lines.append("and.b32 s, $1, 0x80008000;")
+        lines.append("or.b32 v, v, s;")
+        lines.append(f"mul.rn.f16x2 a, v, ${2 + j};" if j == 0 else f"fma.rn.f16x2 a, v, ${2 + j}, a;")
+    lines += ["mov.b32 {l, h}, a;", "cvt.f32.f16 fl, l;", "cvt.f32.f16 fh, h;", "add.f32 $0, fl, fh;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
 if HAVE_TRITON:
     @triton.jit
     def fp4q(c, SHIFT: tl.constexpr):
@@ -133,40 +155,7 @@ if HAVE_TRITON:
     # nibbles (products exact: 2 x 8 significant bits) and sums the word's products in f16, 4 per lane; the two
     # lanes are added in fp32. Per 8 weights: 7 shifts, 12 logic ops, 4 HFMA2, 3 to finish, against 29 integer
     # ops + 8 FFMA in the fp32 decode this replaced (docs/runtime.md).
-    _FP4_F16_ASM = tl.constexpr("""
-    {
-    .reg .b32 v, s, a;
-    .reg .b16 l, h;
-    .reg .f32 fl, fh;
-    shl.b32 v, $1, 9;
-    and.b32 v, v, 0x0E000E00;
-    shl.b32 s, $1, 12;
-    and.b32 s, s, 0x80008000;
-    or.b32 v, v, s;
-    mul.rn.f16x2 a, v, $2;
-    shl.b32 v, $1, 5;
-    and.b32 v, v, 0x0E000E00;
-    shl.b32 s, $1, 8;
-    and.b32 s, s, 0x80008000;
-    or.b32 v, v, s;
-    fma.rn.f16x2 a, v, $3, a;
-    shl.b32 v, $1, 1;
-    and.b32 v, v, 0x0E000E00;
-    shl.b32 s, $1, 4;
-    and.b32 s, s, 0x80008000;
-    or.b32 v, v, s;
-    fma.rn.f16x2 a, v, $4, a;
-    shr.b32 v, $1, 3;
-    and.b32 v, v, 0x0E000E00;
-    and.b32 s, $1, 0x80008000;
-    or.b32 v, v, s;
-    fma.rn.f16x2 a, v, $5, a;
-    mov.b32 {l, h}, a;
-    cvt.f32.f16 fl, l;
-    cvt.f32.f16 fh, h;
-    add.f32 $0, fl, fh;
-    }
-    """)
+    _FP4_F16_ASM = tl.constexpr(_fp4_f16_asm())
 
     FP4_ASM = tl.constexpr(not INTERPRET)     # inline PTX is compiled code: not for the interpreter
 
