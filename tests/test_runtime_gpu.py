@@ -134,11 +134,12 @@ def greedy_ok(rows: list[tuple[int, float]], need: int = 8) -> bool:
 H, I, E, K = 2880, 2880, 32, 4           # gpt-oss-20b
 
 
-def test_router_topk_matches_torch():
+@pytest.mark.parametrize("n", [64, 300])                 # the logits kernel (decode), F.linear (prefill)
+def test_router_topk_matches_torch(n):
     from mxq.runtime.moe_kernels import router_topk
 
     g = torch.Generator(device=DEV).manual_seed(0)
-    x = torch.randn(64, H, device=DEV, generator=g).bfloat16()
+    x = torch.randn(n, H, device=DEV, generator=g).bfloat16()
     w = (torch.randn(E, H, device=DEV, generator=g) * H ** -0.5).bfloat16()
     b = (torch.randn(E, device=DEV, generator=g) * 0.1).bfloat16()
     idx, wt = router_topk(x, w, b, K)
@@ -146,7 +147,7 @@ def test_router_topk_matches_torch():
     vals, ref_idx = torch.topk(logits, K)
     same = (idx.long() == ref_idx).all(1).float().mean().item()
     err = rel(wt, torch.softmax(vals, -1))
-    report("router", rows_identical=same, weight_rel=err)
+    report("router", n=n, rows_identical=same, weight_rel=err)
     assert same >= 0.95 and err < 1e-2
 
 
@@ -180,18 +181,19 @@ def test_moe_decode_kernels_match_expert_forward(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "bf16"])
-def test_moe_grouped_matches_expert_forward(fmt):
+@pytest.mark.parametrize("bm", [32, 64, 128])
+def test_moe_grouped_matches_expert_forward(fmt, bm):
     from mxq.runtime import stacked_experts
     from mxq.runtime.moe_kernels import moe_grouped
 
     ex = make_experts(E, H, I, fmt, seed=3)
     gu, dn = stacked_experts(ex, "gate_up"), stacked_experts(ex, "down")
-    n = 600                                              # ~75 pairs per expert: several tiles per expert
+    n = 600                                              # ~75 pairs per expert: one to three tiles per expert
     x = torch.randn(n, H, device=DEV, generator=torch.Generator(device=DEV).manual_seed(5)).bfloat16()
     idx, wt = routing(n, E, K, seed=7)
-    z = moe_grouped(x, idx, wt, gu, ex.gate_up_bias, dn, ex.down_bias, 1.702, 7.0)
+    z = moe_grouped(x, idx, wt, gu, ex.gate_up_bias, dn, ex.down_bias, 1.702, 7.0, bm=bm)
     err = rel(z.sum(1), ref_moe(ex, x, idx, wt))
-    report("moe_grouped", fmt=fmt, n=n, rel=err)
+    report("moe_grouped", fmt=fmt, n=n, bm=bm, rel=err)
     assert err < 1e-2
 
 
@@ -413,10 +415,11 @@ def test_every_autotune_config_matches_reference(fmt):
                                        yperm=dn.fp4)
                     z = M.down_gemv(y, idx[:n_dec], wt[:n_dec], dn, ex.down_bias)
                     err = rel(z.sum(1), ref[:n_dec])
+                    errs[f"{name} {c.kwargs} w{c.num_warps} s{c.num_stages}"] = round(err, 5)
                 else:
-                    z = M.moe_grouped(x, idx, wt, gu, ex.gate_up_bias, dn, ex.down_bias, 1.702, 7.0)
-                    err = rel(z.sum(1), ref)
-            errs[f"{name} {c.kwargs} w{c.num_warps} s{c.num_stages}"] = round(err, 5)
+                    for bm in (64, 128):
+                        z = M.moe_grouped(x, idx, wt, gu, ex.gate_up_bias, dn, ex.down_bias, 1.702, 7.0, bm=bm)
+                        errs[f"{name} bm{bm} {c.kwargs} w{c.num_warps} s{c.num_stages}"] = round(rel(z.sum(1), ref), 5)
     report("every_config", fmt=fmt, rel=errs)
     assert max(errs.values()) < 1.5e-2, errs
 

@@ -9,7 +9,7 @@ the device, so a decode step needs no host synchronisation.
   rows per program, adds the bias and applies the clamped SwiGLU; ``down_gemv`` covers (pair, BN rows), adds
   the bias and weights by the routing weight; the next RMSNorm kernel sums the k slots and adds the residual.
 * prefill (grouped GEMM, many tokens): (token, slot) pairs sorted by expert, tiles of BM pairs of one
-  expert, weights dequantized in registers and fed to ``tl.dot``.
+  expert; bf16 weights through ``tl.dot``, MXFP4 ones through ``tl.dot_scaled`` (decoded in registers).
 
 Rounding follows the reference (``PackedExperts.expert_forward``): the matmul result is rounded to bf16,
 the bias added in bf16, the expert output rounded to bf16 before the fp32 routing-weighted sum.
@@ -43,7 +43,7 @@ def _topk_kernel(lg_ptr, idx_ptr, wt_ptr, E, TOPK: tl.constexpr, BE: tl.constexp
     t = tl.program_id(0).to(tl.int64)
     offs_e = tl.arange(0, BE)
     em = offs_e < E
-    logit = tl.load(lg_ptr + t * E + offs_e, mask=em, other=float("-inf"))
+    logit = tl.load(lg_ptr + t * E + offs_e, mask=em, other=float("-inf")).to(tl.float32)   # fp32 or bf16
     offs_k = tl.arange(0, KP)
     vals = tl.full([KP], float("-inf"), tl.float32)
     ids = tl.zeros([KP], dtype=tl.int32)
@@ -61,15 +61,23 @@ def _topk_kernel(lg_ptr, idx_ptr, wt_ptr, E, TOPK: tl.constexpr, BE: tl.constexp
     tl.store(wt_ptr + t * TOPK + offs_k, p, mask=km)
 
 
+ROUTER_KERNEL_MAX_TOKENS = 64
+
+
 def router_topk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, H] bf16, router weight [E, H], bias [E] -> (idx [N, k] int32, weights [N, k] fp32).
 
-    Two launches: the logits (one program per (token, expert)), then top-k (ties: lowest expert id first)
-    and the softmax over the k."""
+    Two launches: the logits, then top-k (ties: lowest expert id first) and the softmax over the k. The
+    logits of a few tokens (decode) come from a kernel with one program per (token, expert); of many
+    (prefill) from ``F.linear``, which is the reference's ``nn.Linear`` itself (one program per pair was
+    75 us a layer at 2,048 tokens)."""
     n, h = x.shape
     e = w.shape[0]
-    logits = torch.empty(n, e, dtype=torch.float32, device=x.device)
-    _router_logits_kernel[(n, e)](x, w, b, logits, h, e, BK=1024, num_warps=4)
+    if n > ROUTER_KERNEL_MAX_TOKENS:
+        logits = torch.nn.functional.linear(x, w, b)                          # [N, E] bf16
+    else:
+        logits = torch.empty(n, e, dtype=torch.float32, device=x.device)
+        _router_logits_kernel[(n, e)](x, w, b, logits, h, e, BK=1024, num_warps=4)
     idx = torch.empty(n, top_k, dtype=torch.int32, device=x.device)
     wt = torch.empty(n, top_k, dtype=torch.float32, device=x.device)
     _topk_kernel[(n,)](logits, idx, wt, e, TOPK=top_k, BE=next_pow2(e), KP=next_pow2(top_k), num_warps=1)
@@ -248,9 +256,30 @@ def down_gemv(y: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, dn: ExpertWe
 @triton.jit
 def _tile_dot(x_ptr, x_rows, rmask, blk, scl, wcols, wmask, K, s_row, s_srow, k_end,
               FP4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_F32: tl.constexpr):
-    """acc [BM, BN] = X[x_rows, :] @ W[wcols, :]^T for one expert; ``x_rows`` are element offsets of rows."""
+    """acc [BM, BN] = X[x_rows, :] @ W[wcols, :]^T for one expert; ``x_rows`` are element offsets of rows.
+
+    MXFP4 on the GPU: ``tl.dot_scaled`` (bf16 x, E2M1 weights with their E8M0 scales, OCP MX v1.0 section 6.3):
+    on Hopper Triton upcasts the nibbles to bf16 through byte permutes, multiplies by the scale in bf16 (exact:
+    a 2-bit significand times a power of two) and feeds the weights to the tensor cores from registers with the
+    token tile as the shared-memory operand, so each weight tile is decoded once per tile of BM pairs
+    (``fast_math``: scale byte 255, NaN in the MX spec, is not special-cased). Under the interpreter (``DOT_F32``; it has no ``dot_scaled``) the fp32 ``fp4q`` decode of even/odd nibbles instead."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    if FP4:
+    if FP4 and not DOT_F32:
+        kk = tl.arange(0, BK)
+        jj = tl.arange(0, BK // 2)
+        gg = tl.arange(0, BK // 32)
+        for k0 in range(0, k_end, BK):
+            kc = k0 + kk
+            x = tl.load(x_ptr + x_rows[:, None] + kc[None, :], mask=rmask[:, None] & (kc < K)[None, :],
+                        other=0.0)                                              # [BM, BK] bf16
+            kb = k0 // 2 + jj                                                   # byte column within a weight row
+            b = tl.load(blk + wcols[None, :] * s_row + kb[:, None], mask=(kb < K // 2)[:, None] & wmask[None, :],
+                        other=0)                                                # [BK/2, BN] u8, 2 nibbles along k
+            g = k0 // 32 + gg
+            s = tl.load(scl + wcols[:, None] * s_srow + g[None, :], mask=wmask[:, None] & (g < K // 32)[None, :],
+                        other=0)                                                # [BN, BK/32] E8M0
+            acc = tl.dot_scaled(x, None, "bf16", b, s, "e2m1", acc, fast_math=True)
+    elif FP4:
         jj = tl.arange(0, BK // 2)
         for k0 in range(0, k_end, BK):
             kb = k0 // 2 + jj                                   # byte column within a weight row
@@ -275,8 +304,9 @@ def _tile_dot(x_ptr, x_rows, rmask, blk, scl, wcols, wmask, K, s_row, s_srow, k_
     return acc
 
 
+# (warps, stages, BN weight rows (x2 for gate_up's interleaved gate/up rows), BK); autotuned per (shape, format, BM)
 _GROUPED_CONFIGS = [cfg(4, 3, BN=64, BK=128), cfg(4, 3, BN=32, BK=128), cfg(8, 3, BN=128, BK=64),
-                    cfg(4, 4, BN=64, BK=64)]
+                    cfg(4, 4, BN=64, BK=64), cfg(8, 3, BN=64, BK=128), cfg(8, 4, BN=64, BK=64)]
 
 
 @triton.jit
@@ -311,7 +341,7 @@ def down_tile_out(acc, bias_ptr, e, cols, cm, pair, rm, gw, z_ptr, H):
     tl.store(z_ptr + pair[:, None] * H + cols[None, :], z, mask=rm[:, None] & cm[None, :])
 
 
-@autotune(_GROUPED_CONFIGS, key=["P", "I", "K", "FP4"])
+@autotune(_GROUPED_CONFIGS, key=["P", "I", "K", "FP4", "BM"])
 @triton.jit
 def _gate_up_grouped_kernel(x_ptr, order_ptr, te_ptr, ts_ptr, tn_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
                             P, K, I, s_e, s_row, s_se, s_srow, alpha, limit,
@@ -330,7 +360,7 @@ def _gate_up_grouped_kernel(x_ptr, order_ptr, te_ptr, ts_ptr, tn_ptr, w_ptr, s_p
     gate_up_tile_out(acc, bias_ptr, e, cols, cm, rows, rm, y_ptr, I, nb, alpha, limit, BM, BN)
 
 
-@autotune(_GROUPED_CONFIGS, key=["P", "H", "K", "FP4"])
+@autotune(_GROUPED_CONFIGS, key=["P", "H", "K", "FP4", "BM"])
 @triton.jit
 def _down_grouped_kernel(y_ptr, order_ptr, wt_ptr, te_ptr, ts_ptr, tn_ptr, w_ptr, s_ptr, bias_ptr, z_ptr,
                          P, K, H, s_e, s_row, s_se, s_srow,
@@ -349,7 +379,10 @@ def _down_grouped_kernel(y_ptr, order_ptr, wt_ptr, te_ptr, ts_ptr, tn_ptr, w_ptr
     down_tile_out(acc, bias_ptr, e, cols, cm, pair, rm, gw, z_ptr, H)
 
 
-GROUP_BM = 64
+GROUP_BM = 64          # pairs per tile of fmt_kernels' grouped GEMMs and the default of expert_tiles
+# Pairs per tile of moe_kernels' grouped GEMMs by expert format: an MXFP4 weight tile is decoded once per tile, so
+# larger tiles spend less on decoding (and more on padding: a tile holds one expert's pairs).
+MOE_BM = {"mxfp4": 128, "bf16": 64}
 
 
 def expert_tiles(idx: torch.Tensor, num_experts: int, bm: int = GROUP_BM):
@@ -379,22 +412,28 @@ def expert_tiles(idx: torch.Tensor, num_experts: int, bm: int = GROUP_BM):
 
 
 def moe_grouped(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gu: ExpertWeights, gu_bias: torch.Tensor,
-                dn: ExpertWeights, dn_bias: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """Prefill MoE: x [N, H] bf16 -> z [N, k, H] fp32 = wt_j * f_{e_j}(x) (summed by the next RMSNorm)."""
+                dn: ExpertWeights, dn_bias: torch.Tensor, alpha: float, limit: float,
+                bm: int | None = None) -> torch.Tensor:
+    """Prefill MoE: x [N, H] bf16 -> z [N, k, H] fp32 = wt_j * f_{e_j}(x) (summed by the next RMSNorm).
+
+    ``bm``: pairs per tile (a power of two >= 16; default ``MOE_BM`` of the gate_up format)."""
     n, k = idx.shape
     p = n * k
     i, h = gu.out_f // 2, dn.out_f
     e = gu.w.shape[0]
-    order, te, ts, tn = expert_tiles(idx, e)
+    bm = MOE_BM[gu.fmt] if bm is None else int(bm)
+    if bm < 16 or bm & (bm - 1):
+        raise ValueError(f"moe_grouped: bm must be a power of two >= 16, got {bm}")
+    order, te, ts, tn = expert_tiles(idx, e, bm)
     tmax = te.numel()
     y = torch.empty(p, i, dtype=torch.bfloat16, device=x.device)             # rows in sorted order
     launch(_gate_up_grouped_kernel, lambda m: (tmax, triton.cdiv(i, m["BN"])),
            x, order, te, ts, tn, gu.w, gu.s, gu_bias, y, p, gu.in_f, i, gu.s_e, gu.s_row, gu.s_se, gu.s_srow,
-           float(alpha), float(limit), TOPK=k, FP4=gu.fp4, BM=GROUP_BM, DOT_F32=INTERPRET)
+           float(alpha), float(limit), TOPK=k, FP4=gu.fp4, BM=bm, DOT_F32=INTERPRET)
     z = torch.empty(p, h, dtype=torch.float32, device=x.device)              # rows by pair id t*k + j
     launch(_down_grouped_kernel, lambda m: (tmax, triton.cdiv(h, m["BN"])),
            y, order, wt.reshape(-1), te, ts, tn, dn.w, dn.s, dn_bias, z, p, dn.in_f, h, dn.s_e, dn.s_row,
-           dn.s_se, dn.s_srow, FP4=dn.fp4, BM=GROUP_BM, DOT_F32=INTERPRET)
+           dn.s_se, dn.s_srow, FP4=dn.fp4, BM=bm, DOT_F32=INTERPRET)
     return z.view(n, k, h)
 
 
