@@ -72,16 +72,20 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tens
 
 @triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr,
-                       T, NH, KV, L, HALF: tl.constexpr):
-    n = tl.program_id(0)                         # token (row-major over [B, T])
-    hh = tl.program_id(1)                        # q heads, then kv heads
+                       N, T, NH, KV, L, HALF: tl.constexpr, BT: tl.constexpr):
+    """BT tokens (row-major over [B, T]) of one head per program: q heads, then kv heads (k rotated into the
+    cache, v copied). Several tokens per program: one token per program made the 2,048-token prefill
+    scheduling-bound (147k programs of 64 elements each)."""
+    n = tl.program_id(0) * BT + tl.arange(0, BT)                 # [BT] tokens
+    hh = tl.program_id(1)
+    nm = n < N
     b = (n // T).to(tl.int64)
-    t = n % T
-    pos = (tl.load(pos_ptr) + t).to(tl.int64)
+    pos = (tl.load(pos_ptr) + n % T).to(tl.int64)
     D: tl.constexpr = 2 * HALF
     o = tl.arange(0, HALF)
-    c = tl.load(cos_ptr + pos * HALF + o).to(tl.float32)
-    s = tl.load(sin_ptr + pos * HALF + o).to(tl.float32)
+    m2 = nm[:, None]
+    c = tl.load(cos_ptr + pos[:, None] * HALF + o[None, :], mask=m2, other=0.0).to(tl.float32)   # [BT, HALF]
+    s = tl.load(sin_ptr + pos[:, None] * HALF + o[None, :], mask=m2, other=0.0).to(tl.float32)
     n64 = n.to(tl.int64)
     if hh < NH:
         src = q_ptr + (n64 * NH + hh) * D
@@ -90,19 +94,19 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc
         kh = (hh - NH).to(tl.int64)
         src = k_ptr + (n64 * KV + kh) * D
         dst = kc_ptr + ((b * KV + kh) * L + pos) * D
-    x1 = tl.load(src + o).to(tl.float32)
-    x2 = tl.load(src + HALF + o).to(tl.float32)
+    x1 = tl.load(src[:, None] + o[None, :], mask=m2, other=0.0).to(tl.float32)
+    x2 = tl.load(src[:, None] + HALF + o[None, :], mask=m2, other=0.0).to(tl.float32)
     # the reference rotates in bf16: every product and sum rounds to bf16
     r1 = bf16r(bf16r(x1 * c) - bf16r(x2 * s))
     r2 = bf16r(bf16r(x2 * c) + bf16r(x1 * s))
-    tl.store(dst + o, r1.to(tl.bfloat16))
-    tl.store(dst + HALF + o, r2.to(tl.bfloat16))
+    tl.store(dst[:, None] + o[None, :], r1.to(tl.bfloat16), mask=m2)
+    tl.store(dst[:, None] + HALF + o[None, :], r2.to(tl.bfloat16), mask=m2)
     if hh >= NH:
         kh2 = (hh - NH).to(tl.int64)
         vs = v_ptr + (n64 * KV + kh2) * D
         vd = vc_ptr + ((b * KV + kh2) * L + pos) * D
-        tl.store(vd + o, tl.load(vs + o))
-        tl.store(vd + HALF + o, tl.load(vs + HALF + o))
+        tl.store(vd[:, None] + o[None, :], tl.load(vs[:, None] + o[None, :], mask=m2), mask=m2)
+        tl.store(vd[:, None] + HALF + o[None, :], tl.load(vs[:, None] + HALF + o[None, :], mask=m2), mask=m2)
 
 
 def rope_cache(q, k, v, cos, sin, kc, vc, pos, t: int):
@@ -112,7 +116,9 @@ def rope_cache(q, k, v, cos, sin, kc, vc, pos, t: int):
     _, kv, L, d = kc.shape
     nh = q.shape[1] // d
     qo = torch.empty(n, nh, d, dtype=q.dtype, device=q.device)
-    _rope_cache_kernel[(n, nh + kv)](q, k, v, cos, sin, qo, kc, vc, pos, t, nh, kv, L, HALF=d // 2, num_warps=1)
+    bt = min(32, next_pow2(n))
+    _rope_cache_kernel[(triton.cdiv(n, bt), nh + kv)](q, k, v, cos, sin, qo, kc, vc, pos, n, t, nh, kv, L,
+                                                      HALF=d // 2, BT=bt, num_warps=1 if bt == 1 else 2)
     return qo
 
 
@@ -209,14 +215,16 @@ def sink_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, sinks: t
 
     q [B*T, nh, d] rotated queries at cache indices pos + [0, T); kc/vc [B, kv, L, d] already hold keys up to
     pos + T. window 0 = full attention. ``split`` (decode): the keys are cut in splits of
-    ``DECODE_KEYS_PER_SPLIT`` processed in parallel and merged (with the sink) by a second kernel.
+    ``DECODE_KEYS_PER_SPLIT`` processed in parallel and merged (with the sink) by a second kernel; a
+    sliding-window layer whose window fits one split reads so few keys that one pass without the merge launch
+    is faster, so it ignores ``split``.
     Returns o [B*T, nh, d] bf16.
     """
     n, nh, d = q.shape
     bsz, kv, L, _ = kc.shape
     g = nh // kv
     o = torch.empty_like(q)
-    if split:
+    if split and not 0 < window <= DECODE_KEYS_PER_SPLIT:
         bm = max(16, g)
         ns = triton.cdiv(L, DECODE_KEYS_PER_SPLIT)
         r = n * nh

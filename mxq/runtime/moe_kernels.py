@@ -25,25 +25,22 @@ from ._common import (INTERPRET, X_EXP, Y_EXP, GemvX, autotune, bf16r, cfg, e8m0
 
 
 @triton.jit
-def _router_logits_kernel(x_ptr, w_ptr, b_ptr, out_ptr, H, E, BK: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    e = tl.program_id(1)
+def _router_logit(x_ptr, w_ptr, b_ptr, t, e, H, BK: tl.constexpr):
+    """bf16-rounded logit of token t for expert e (``nn.Linear`` in bf16: fp32 dot plus bias, one rounding)."""
     acc = tl.zeros([BK], dtype=tl.float32)
     for k0 in range(0, H, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < H
         x = tl.load(x_ptr + t * H + kk, mask=km, other=0.0).to(tl.float32)
         acc += tl.load(w_ptr + e * H + kk, mask=km, other=0.0).to(tl.float32) * x
-    logit = bf16r(tl.sum(acc, axis=0) + tl.load(b_ptr + e).to(tl.float32))   # nn.Linear(bf16): one rounding
-    tl.store(out_ptr + t * E + e, logit)
+    return bf16r(tl.sum(acc, axis=0) + tl.load(b_ptr + e).to(tl.float32))
 
 
 @triton.jit
-def _topk_kernel(lg_ptr, idx_ptr, wt_ptr, E, TOPK: tl.constexpr, BE: tl.constexpr, KP: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+def _topk_store(logit, t, idx_ptr, wt_ptr, TOPK: tl.constexpr, BE: tl.constexpr, KP: tl.constexpr):
+    """Top-k of one token's logits [BE] (-inf past E; ties: lowest expert id first), softmax over the k, stored
+    at row t of idx / wt."""
     offs_e = tl.arange(0, BE)
-    em = offs_e < E
-    logit = tl.load(lg_ptr + t * E + offs_e, mask=em, other=float("-inf")).to(tl.float32)   # fp32 or bf16
     offs_k = tl.arange(0, KP)
     vals = tl.full([KP], float("-inf"), tl.float32)
     ids = tl.zeros([KP], dtype=tl.int32)
@@ -61,26 +58,63 @@ def _topk_kernel(lg_ptr, idx_ptr, wt_ptr, E, TOPK: tl.constexpr, BE: tl.constexp
     tl.store(wt_ptr + t * TOPK + offs_k, p, mask=km)
 
 
+@triton.jit
+def _router_fused_kernel(x_ptr, w_ptr, b_ptr, lg_ptr, cnt_ptr, idx_ptr, wt_ptr, H, E, BK: tl.constexpr,
+                         TOPK: tl.constexpr, BE: tl.constexpr, KP: tl.constexpr):
+    """One program per (token, expert) writes its logit; the token's last program to finish (a per-token
+    counter, acq_rel atomics) reads all E logits past L1 and does the top-k, then zeroes the counter for the
+    next call. One launch instead of logits + top-k: a decode step has 24 routers, each launch ~2 us."""
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1)
+    tl.store(lg_ptr + t * E + e, _router_logit(x_ptr, w_ptr, b_ptr, t, e, H, BK))
+    done = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel")
+    if done == E - 1:
+        offs_e = tl.arange(0, BE)
+        logit = tl.load(lg_ptr + t * E + offs_e, mask=offs_e < E, other=float("-inf"), cache_modifier=".cg")
+        _topk_store(logit, t, idx_ptr, wt_ptr, TOPK, BE, KP)
+        tl.atomic_xchg(cnt_ptr + t, 0, sem="relaxed")
+
+
+@triton.jit
+def _topk_kernel(lg_ptr, idx_ptr, wt_ptr, E, TOPK: tl.constexpr, BE: tl.constexpr, KP: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs_e = tl.arange(0, BE)
+    logit = tl.load(lg_ptr + t * E + offs_e, mask=offs_e < E, other=float("-inf")).to(tl.float32)  # fp32 or bf16
+    _topk_store(logit, t, idx_ptr, wt_ptr, TOPK, BE, KP)
+
+
 ROUTER_KERNEL_MAX_TOKENS = 64
+_ROUTER_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _router_counters(device: torch.device) -> torch.Tensor:
+    """Per-token arrival counters of ``_router_fused_kernel``, zero between calls (the kernel re-zeroes them).
+    Allocated once per device at the largest size used, so a CUDA graph capture never allocates them."""
+    c = _ROUTER_COUNTERS.get(device)
+    if c is None:
+        c = _ROUTER_COUNTERS[device] = torch.zeros(ROUTER_KERNEL_MAX_TOKENS, dtype=torch.int32, device=device)
+    return c
 
 
 def router_topk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, H] bf16, router weight [E, H], bias [E] -> (idx [N, k] int32, weights [N, k] fp32).
+    """x [N, H] bf16, router weight [E, H], bias [E] -> (idx [N, k] int32, weights [N, k] fp32): top-k (ties:
+    lowest expert id first) and the softmax over the k.
 
-    Two launches: the logits, then top-k (ties: lowest expert id first) and the softmax over the k. The
-    logits of a few tokens (decode) come from a kernel with one program per (token, expert); of many
-    (prefill) from ``F.linear``, which is the reference's ``nn.Linear`` itself (one program per pair was
-    75 us a layer at 2,048 tokens)."""
+    A few tokens (decode): one launch, ``_router_fused_kernel``. Many (prefill): the logits from ``F.linear``,
+    which is the reference's ``nn.Linear`` itself (one program per (token, expert) is slow at 2,048 tokens),
+    then ``_topk_kernel``."""
     n, h = x.shape
     e = w.shape[0]
-    if n > ROUTER_KERNEL_MAX_TOKENS:
-        logits = torch.nn.functional.linear(x, w, b)                          # [N, E] bf16
-    else:
-        logits = torch.empty(n, e, dtype=torch.float32, device=x.device)
-        _router_logits_kernel[(n, e)](x, w, b, logits, h, e, BK=1024, num_warps=4)
     idx = torch.empty(n, top_k, dtype=torch.int32, device=x.device)
     wt = torch.empty(n, top_k, dtype=torch.float32, device=x.device)
-    _topk_kernel[(n,)](logits, idx, wt, e, TOPK=top_k, BE=next_pow2(e), KP=next_pow2(top_k), num_warps=1)
+    be, kp = next_pow2(e), next_pow2(top_k)
+    if n > ROUTER_KERNEL_MAX_TOKENS:
+        logits = torch.nn.functional.linear(x, w, b)                          # [N, E] bf16
+        _topk_kernel[(n,)](logits, idx, wt, e, TOPK=top_k, BE=be, KP=kp, num_warps=1)
+    else:
+        logits = torch.empty(n, e, dtype=torch.float32, device=x.device)
+        _router_fused_kernel[(n, e)](x, w, b, logits, _router_counters(x.device), idx, wt, h, e, BK=1024,
+                                     TOPK=top_k, BE=be, KP=kp, num_warps=4)
     return idx, wt
 
 
