@@ -29,7 +29,8 @@ def test_kernels_equal_reference_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, str(WORKER)], capture_output=True, text=True, env=env, timeout=600)
     res = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert r.returncode == 0 and len(res) == 13, f"worker failed (rc {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert r.returncode == 0 and len(res) == 13, \
+        f"worker failed (rc {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     bad = [c for c in res if "error" in c or not all(c["equal"].values())]
     assert not bad, bad
 
