@@ -423,26 +423,12 @@ def expert_tiles(idx: torch.Tensor, num_experts: int, bm: int = GROUP_BM):
     """Sort (token, slot) pairs by expert and cut them into tiles of <= bm pairs of one expert, on the device.
 
     Returns (order [P] int32: sorted position -> pair id, tile expert / start / end [T_max] int32); tiles past
-    the real count have start == end and do nothing. T_max = ceil(P / bm) + E bounds the tile count.
+    the real count have start == end and do nothing. T_max = ceil(P / bm) + E bounds the tile count. Two Triton
+    launches, no host sync (``tile_kernels``; ids must be in [0, E)).
     """
-    flat = idx.reshape(-1).long()
-    p = flat.numel()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    ends = counts.cumsum(0)
-    starts = ends - counts
-    ntile = (counts + bm - 1) // bm
-    tend = ntile.cumsum(0)
-    tbeg = tend - ntile
-    tmax = (p + bm - 1) // bm + num_experts
-    tau = torch.arange(tmax, device=idx.device)
-    te = torch.searchsorted(tend, tau, right=True).clamp_(max=num_experts - 1)
-    ts = starts[te] + (tau - tbeg[te]) * bm
-    tn = torch.minimum(ts + bm, ends[te])
-    valid = tau < tend[-1]
-    ts = torch.where(valid, ts, torch.zeros_like(ts))
-    tn = torch.where(valid, tn, torch.zeros_like(tn))
-    return order.int(), te.int(), ts.int(), tn.int()
+    from .tile_kernels import expert_tiles as _expert_tiles
+
+    return _expert_tiles(idx, num_experts, bm)
 
 
 def moe_grouped(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gu: ExpertWeights, gu_bias: torch.Tensor,
