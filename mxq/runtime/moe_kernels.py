@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (INTERPRET, X_EXP, Y_EXP, GemvX, autotune, bf16r, cfg, e8m0_f16dec, e8m0_x4, FP4_ASM, fp4_dot_f16, fp4q,
-                      h2perm, h2perm_index, launch, mma, next_pow2, swiglu, tl, triton)
+from ._common import (INTERPRET, X_EXP, Y_EXP, GemvX, autotune, bf16r, cfg, e8m0_f16dec, e8m0_x4, FP4_ASM,
+                      fp4_group_dot_f16, fp4q, h2perm, h2perm_index, launch, mma, next_pow2, swiglu, tl, triton)
 
 # ----------------------------------------------------------------------------------------------- router
 
@@ -80,17 +80,30 @@ def router_topk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, top_k: int) -
 
 
 @triton.jit
+def _split4(t, A: tl.constexpr, B: tl.constexpr):
+    """t [A, B, 4] -> t[:, :, 0], .., t[:, :, 3] by ``tl.split`` (register renaming: the 4 sit in one thread)."""
+    e, o = tl.split(tl.reshape(t, (A, B, 2, 2)))                               # index % 2
+    t0, t2 = tl.split(e)
+    t1, t3 = tl.split(o)
+    return t0, t1, t2, t3
+
+
+@triton.jit
 def _fp4_group_sums(wd, s, xs0, xs1, xs2, xs3, R: tl.constexpr, BG: tl.constexpr):
-    """Scaled sums of BG scale groups of R rows: [R, BG] fp32 = s * sum over each group's 4 words of
-    ``fp4_dot_f16`` (``wd`` [R, 4 BG] int32 words, group-major; ``s`` [R, BG] decoded scales; ``xsj`` [BG, 4] the
-    x pairs of slot j of each group's 4 words).
+    """Scaled sums of BG scale groups of R rows: [R, BG] fp32 = s * ``fp4_group_dot_f16`` of each group's 4 words
+    (``wd`` [R, 4 BG] int32 words, group-major; ``s`` [R, BG] decoded scales; ``xsj`` [BG, 4] the x pairs of
+    slot j of each group's 4 words).
 
     The words are a 2-D tile so that the load is coalesced along its contiguous axis (4 BG words of a row) the
-    same way as the scales' (BG bytes of a row): reshaped to [R, BG, 4], the 4 words of a group sit in one
-    thread, their sum is an in-thread reduction whose result has the scales' register layout, and no
-    shared-memory layout conversion is needed between them."""
-    part = fp4_dot_f16(tl.reshape(wd, (R, BG, 4)), xs0[None], xs1[None], xs2[None], xs3[None], FP4_ASM)  # [R, BG, 4]
-    return tl.sum(part, axis=2) * s
+    same way as the scales' (BG bytes of a row): split into the 4 words of each group, they sit in one thread
+    in the scales' register layout, so no shared-memory layout conversion is needed between them."""
+    w0, w1, w2, w3 = _split4(tl.reshape(wd, (R, BG, 4)), R, BG)
+    a0, a1, a2, a3 = _split4(xs0[None], 1, BG)                                  # [1, BG]: slot 0 of words 0..3
+    b0, b1, b2, b3 = _split4(xs1[None], 1, BG)                                  # slot 1
+    c0, c1, c2, c3 = _split4(xs2[None], 1, BG)
+    d0, d1, d2, d3 = _split4(xs3[None], 1, BG)
+    return fp4_group_dot_f16(w0, w1, w2, w3, a0, b0, c0, d0, a1, b1, c1, d1, a2, b2, c2, d2, a3, b3, c3, d3,
+                             FP4_ASM) * s
 
 
 @triton.jit
@@ -100,9 +113,9 @@ def _rows_dot_fp4(x_row, blk, scl, rows, G, s_row, s_srow, R: tl.constexpr, BG: 
     ``rows`` must all be valid rows (callers clamp the out-of-range ones to the last row and do not store
     them), so the loads need no row mask. ``x_row``: f16 in ``h2perm`` order, scaled by a power of two
     (|x| < 2^15; the caller multiplies the result back). Each iteration covers BG scale groups: the 16 bytes of
-    a group are 4 int32 words, word w holding elements 8w + n (nibble n, low nibble first); ``fp4_dot_f16``
-    turns a word and its 4 x pairs into the fp32 sum of its 8 products (f16 weights and products, two f16
-    lanes); the 4 words of a group are summed in fp32 and multiplied by the group's scale once
+    a group are 4 int32 words, word w holding elements 8w + n (nibble n, low nibble first);
+    ``fp4_group_dot_f16`` turns a group's 4 words and their 16 x pairs into the fp32 sum of its 32 products
+    (f16 weights and products, summed in f16 chains), which is multiplied by the group's scale
     (``_fp4_group_sums``). The x pairs of slot j for the 4 words of a group are 16 contiguous bytes, laid out
     like the words by ``h2perm``.
 
@@ -151,6 +164,10 @@ def _rows_dot_bf16(x_row, w, rows, rmask, K, s_row, R: tl.constexpr, BK: tl.cons
 # (warps, kernel num_stages, rows BN, groups per iteration BG (x 32 elements for bf16), loop stages NS). The
 # NS = 1 configs were the fastest for MXFP4 with cold weights (bench/results/gemv_configs_h100.json); NS = 3 ones
 # serve bf16 experts, whose loop is load-bound like the dense GEMVs of linear_kernels (pipelining helps those).
+# MXFP4 wants rows x BG >= 32 x warps (rows: 2 BN for gate_up, BN for down), so that each thread holds whole
+# scale groups; a smaller tile (down's BN = 4 and BN = 8, BG = 8 configs, the 8-warp one) stays correct, but its
+# 4-word groups are split over threads, which costs a shared-memory layout conversion and computes every group
+# twice.
 _GEMV_CONFIGS = [cfg(4, 2, BN=4, BG=16, NS=1), cfg(4, 2, BN=8, BG=16, NS=1), cfg(4, 2, BN=8, BG=8, NS=1),
                  cfg(8, 2, BN=8, BG=8, NS=1), cfg(4, 2, BN=16, BG=8, NS=1), cfg(4, 2, BN=32, BG=16, NS=1),
                  cfg(4, 2, BN=8, BG=8, NS=3), cfg(4, 2, BN=4, BG=16, NS=3)]
