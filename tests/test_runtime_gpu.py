@@ -724,6 +724,58 @@ def test_fp4_asm_decode_equals_reference_decode():
             assert torch.equal(outs[0].abs(), want.abs()) and torch.equal(outs[0], want), (j, lane)
 
 
+def test_fp4_group_asm_matches_emulation_and_fallback():
+    """``fp4_group_dot_f16`` (one scale group, f16 chains) on the GPU: the PTX equals its instruction-by-instruction
+    CPU emulation (``test_runtime_layout.run_ptx``) bit for bit on random gpt-oss-like groups, and equals the
+    plain-Triton fallback (fp32 sums) exactly when every f16 sum is exact (x small integers: all partial sums
+    are multiples of 2^-15 below 2^-4)."""
+    import numpy as np
+    import triton
+    import triton.language as tl
+    from test_runtime_layout import f16_pack, gemv_operands, run_ptx
+
+    from mxq.runtime._common import _fp4_group_f16_asm, fp4_group_dot_f16
+
+    @triton.jit
+    def dot(w_ptr, x_ptr, o_ptr, N, ASM: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < N
+        w = w_ptr + offs * 4                                   # [N, 4] words
+        x = x_ptr + offs * 16                                  # [N, 16]: x pair of slot j of word w at 4w + j
+        out = fp4_group_dot_f16(
+            tl.load(w, mask=m), tl.load(w + 1, mask=m), tl.load(w + 2, mask=m), tl.load(w + 3, mask=m),
+            tl.load(x, mask=m), tl.load(x + 1, mask=m), tl.load(x + 2, mask=m), tl.load(x + 3, mask=m),
+            tl.load(x + 4, mask=m), tl.load(x + 5, mask=m), tl.load(x + 6, mask=m), tl.load(x + 7, mask=m),
+            tl.load(x + 8, mask=m), tl.load(x + 9, mask=m), tl.load(x + 10, mask=m), tl.load(x + 11, mask=m),
+            tl.load(x + 12, mask=m), tl.load(x + 13, mask=m), tl.load(x + 14, mask=m), tl.load(x + 15, mask=m), ASM)
+        tl.store(o_ptr + offs, out, mask=m)
+
+    def run(words: np.ndarray, pairs: np.ndarray, asm: bool) -> np.ndarray:
+        n = words.shape[0]
+        o = torch.empty(n, dtype=torch.float32, device=DEV)
+        dot[(triton.cdiv(n, 256),)](torch.from_numpy(words.view(np.int32)).to(DEV),
+                                    torch.from_numpy(pairs.reshape(n, 16).view(np.int32)).to(DEV), o, n, ASM=asm,
+                                    BLOCK=256)
+        return o.cpu().numpy()
+
+    def emulate(words: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+        return run_ptx(_fp4_group_f16_asm(), [words[:, w] for w in range(4)]
+                       + [pairs[:, w, j] for w in range(4) for j in range(4)])
+
+    words, _, pairs, _ = gemv_operands(64, 90, seed=4)
+    words = np.ascontiguousarray(words.reshape(-1, 4))
+    pairs = np.ascontiguousarray(np.broadcast_to(pairs, (64, 90, 4, 4)).reshape(-1, 4, 4))
+    got = run(words, pairs, True)
+    assert np.array_equal(got.view(np.uint32), emulate(words, pairs).view(np.uint32))
+
+    g = np.random.default_rng(5)
+    small = g.integers(-8, 9, size=(words.shape[0], 4, 4, 2)).astype(np.float64)
+    pairs = f16_pack(small[..., 0], small[..., 1])
+    got = run(words, pairs, True)
+    assert np.array_equal(got, run(words, pairs, False))
+    assert np.array_equal(got.view(np.uint32), emulate(words, pairs).view(np.uint32))
+
+
 def test_h2perm_rmsnorm_matches_kernel_x():
     """rmsnorm(..., hs="h2perm") writes the same f16 x and 2^-k as ``kernel_x``, and x * 2^-k is h exactly."""
     from mxq.runtime._common import h2perm_index

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (INTERPRET, X_EXP, Y_EXP, GemvX, autotune, bf16r, cfg, e8m0_f16dec, e8m0_x4, FP4_ASM, fp4_dot_f16, fp4q,
-                      h2perm, h2perm_index, launch, mma, next_pow2, swiglu, tl, triton)
+from ._common import (INTERPRET, X_EXP, Y_EXP, GemvX, autotune, bf16r, cfg, e8m0_f16dec, e8m0_x4, FP4_ASM,
+                      fp4_group_dot_f16, fp4q, h2perm, h2perm_index, launch, mma, next_pow2, swiglu, tl, triton)
 
 # ----------------------------------------------------------------------------------------------- router
 
@@ -122,38 +122,71 @@ def router_topk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, top_k: int) -
 
 
 @triton.jit
-def _rows_dot_fp4(x_row, blk, scl, rows, rmask, G, s_row, s_srow, R: tl.constexpr, BG: tl.constexpr,
-                  NS: tl.constexpr):
+def _split4(t, A: tl.constexpr, B: tl.constexpr):
+    """t [A, B, 4] -> t[:, :, 0], .., t[:, :, 3] by ``tl.split`` (register renaming: the 4 sit in one thread)."""
+    e, o = tl.split(tl.reshape(t, (A, B, 2, 2)))                               # index % 2
+    t0, t2 = tl.split(e)
+    t1, t3 = tl.split(o)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _fp4_group_sums(wd, s, xs0, xs1, xs2, xs3, R: tl.constexpr, BG: tl.constexpr):
+    """Scaled sums of BG scale groups of R rows: [R, BG] fp32 = s * ``fp4_group_dot_f16`` of each group's 4 words
+    (``wd`` [R, 4 BG] int32 words, group-major; ``s`` [R, BG] decoded scales; ``xsj`` [BG, 4] the x pairs of
+    slot j of each group's 4 words).
+
+    The words are a 2-D tile so that the load is coalesced along its contiguous axis (4 BG words of a row) the
+    same way as the scales' (BG bytes of a row): split into the 4 words of each group, they sit in one thread
+    in the scales' register layout, so no shared-memory layout conversion is needed between them."""
+    w0, w1, w2, w3 = _split4(tl.reshape(wd, (R, BG, 4)), R, BG)
+    a0, a1, a2, a3 = _split4(xs0[None], 1, BG)                                  # [1, BG]: slot 0 of words 0..3
+    b0, b1, b2, b3 = _split4(xs1[None], 1, BG)                                  # slot 1
+    c0, c1, c2, c3 = _split4(xs2[None], 1, BG)
+    d0, d1, d2, d3 = _split4(xs3[None], 1, BG)
+    return fp4_group_dot_f16(w0, w1, w2, w3, a0, b0, c0, d0, a1, b1, c1, d1, a2, b2, c2, d2, a3, b3, c3, d3,
+                             FP4_ASM) * s
+
+
+@triton.jit
+def _rows_dot_fp4(x_row, blk, scl, rows, G, s_row, s_srow, R: tl.constexpr, BG: tl.constexpr, NS: tl.constexpr):
     """acc[r] = sum_k x[k] W[rows[r], k] (times the x scale) for one MXFP4 expert (``blk``/``scl`` at the expert).
 
-    ``x_row``: f16 in ``h2perm`` order, scaled by a power of two (|x| < 2^15; the caller multiplies the result
-    back). Each iteration covers BG scale groups: the 16 bytes of a group are 4 int32 words, word w holding
-    elements 8w + n (nibble n, low nibble first); ``fp4_dot_f16`` turns a word and its 4 x pairs into the fp32
-    sum of its 8 products (f16 weights and products, two f16 lanes); the 4 words of a group are summed in fp32
-    and multiplied by the group's scale once. The x pairs of slot j for the 4 words of a group are one 16-byte
-    load [BG, 4], laid out like the words [R, BG, 4] by ``h2perm``.
+    ``rows`` must all be valid rows (callers clamp the out-of-range ones to the last row and do not store
+    them), so the loads need no row mask. ``x_row``: f16 in ``h2perm`` order, scaled by a power of two
+    (|x| < 2^15; the caller multiplies the result back). Each iteration covers BG scale groups: the 16 bytes of
+    a group are 4 int32 words, word w holding elements 8w + n (nibble n, low nibble first);
+    ``fp4_group_dot_f16`` turns a group's 4 words and their 16 x pairs into the fp32 sum of its 32 products
+    (f16 weights and products, summed in f16 chains), which is multiplied by the group's scale
+    (``_fp4_group_sums``). The x pairs of slot j for the 4 words of a group are 16 contiguous bytes, laid out
+    like the words by ``h2perm``.
+
+    The G // BG full iterations run without masks; the G % BG remaining groups, if any, take one masked
+    iteration after the loop (masks in the loop cost a predicate per load and zeroing of the masked registers
+    every iteration).
 
     ``NS`` (``tl.range(num_stages=NS)``): NS > 1 software-pipelines the weight loads through ``cp.async``
     (Triton 3.6 pipelines a plain ``range`` loop only for loads that feed ``tl.dot``)."""
+    offs_c = tl.arange(0, 4 * BG)                                               # (group, word), word fastest
     offs_g = tl.arange(0, BG)
-    offs_w = tl.arange(0, 4)
-    blk32 = blk.to(tl.pointer_type(tl.int32))
-    x32 = x_row.to(tl.pointer_type(tl.int32))                                   # f16 pairs
-    wrow = blk32 + rows[:, None, None].to(tl.int64) * (s_row // 4) + offs_w[None, None, :]
-    sp = scl + rows[:, None].to(tl.int64) * s_srow
+    wp = blk.to(tl.pointer_type(tl.int32)) + rows[:, None].to(tl.int64) * (s_row // 4) + offs_c[None, :]
+    sp = scl + rows[:, None].to(tl.int64) * s_srow + offs_g[None, :]           # [R, BG]
+    xp = x_row.to(tl.pointer_type(tl.int32)) + offs_g[:, None] * 16 + tl.arange(0, 4)[None, :]    # [BG, 4]: slot 0
     acc = tl.zeros([R, BG], dtype=tl.float32)
-    for g0 in tl.range(0, G, BG, num_stages=NS):
-        gg = g0 + offs_g
-        gm = gg < G
-        wd = tl.load(wrow + gg[None, :, None] * 4, mask=rmask[:, None, None] & gm[None, :, None],
-                     other=0)                                                   # [R, BG, 4] int32 words
-        s = e8m0_f16dec(tl.load(sp + gg[None, :], mask=rmask[:, None] & gm[None, :], other=0))   # [R, BG]
-        xb = x32 + gg[:, None] * 16 + offs_w[None, :]                           # [BG, 4]: pair slot 0
+    g_full = G - G % BG
+    for g0 in tl.range(0, g_full, BG, num_stages=NS):
+        xg = xp + g0 * 16
+        acc += _fp4_group_sums(tl.load(wp + g0 * 4), e8m0_f16dec(tl.load(sp + g0)), tl.load(xg), tl.load(xg + 4),
+                               tl.load(xg + 8), tl.load(xg + 12), R, BG)
+    if g_full < G:
+        gm = g_full + offs_g < G
+        cm = (g_full * 4 + offs_c < G * 4)[None, :]                            # words of real groups
         xm = gm[:, None]
-        part = fp4_dot_f16(wd, tl.load(xb, mask=xm, other=0)[None], tl.load(xb + 4, mask=xm, other=0)[None],
-                           tl.load(xb + 8, mask=xm, other=0)[None], tl.load(xb + 12, mask=xm, other=0)[None],
-                           FP4_ASM)                                             # [R, BG, 4] fp32
-        acc += tl.sum(part, axis=2) * s
+        xg = xp + g_full * 16
+        acc += _fp4_group_sums(tl.load(wp + g_full * 4, mask=cm, other=0),
+                               e8m0_f16dec(tl.load(sp + g_full, mask=gm[None, :], other=0)),
+                               tl.load(xg, mask=xm, other=0), tl.load(xg + 4, mask=xm, other=0),
+                               tl.load(xg + 8, mask=xm, other=0), tl.load(xg + 12, mask=xm, other=0), R, BG)
     return tl.sum(acc, axis=1)
 
 
@@ -173,6 +206,10 @@ def _rows_dot_bf16(x_row, w, rows, rmask, K, s_row, R: tl.constexpr, BK: tl.cons
 # (warps, kernel num_stages, rows BN, groups per iteration BG (x 32 elements for bf16), loop stages NS). The
 # NS = 1 configs were the fastest for MXFP4 with cold weights (bench/results/gemv_configs_h100.json); NS = 3 ones
 # serve bf16 experts, whose loop is load-bound like the dense GEMVs of linear_kernels (pipelining helps those).
+# MXFP4 wants rows x BG >= 32 x warps (rows: 2 BN for gate_up, BN for down), so that each thread holds whole
+# scale groups; a smaller tile (down's BN = 4 and BN = 8, BG = 8 configs, the 8-warp one) stays correct, but its
+# 4-word groups are split over threads, which costs a shared-memory layout conversion and computes every group
+# twice.
 _GEMV_CONFIGS = [cfg(4, 2, BN=4, BG=16, NS=1), cfg(4, 2, BN=8, BG=16, NS=1), cfg(4, 2, BN=8, BG=8, NS=1),
                  cfg(8, 2, BN=8, BG=8, NS=1), cfg(4, 2, BN=16, BG=8, NS=1), cfg(4, 2, BN=32, BG=16, NS=1),
                  cfg(4, 2, BN=8, BG=8, NS=3), cfg(4, 2, BN=4, BG=16, NS=3)]
@@ -192,7 +229,8 @@ def _gate_up_gemv_kernel(x_ptr, xinv_ptr, idx_ptr, w_ptr, s_ptr, bias_ptr, y_ptr
     rm = rows < 2 * I
     x_row = x_ptr + t * K
     if FP4:
-        acc = _rows_dot_fp4(x_row, w_ptr + e * s_e, s_ptr + e * s_se, rows, rm, G, s_row, s_srow, 2 * BN, BG, NS)
+        acc = _rows_dot_fp4(x_row, w_ptr + e * s_e, s_ptr + e * s_se, tl.minimum(rows, 2 * I - 1), G, s_row,
+                            s_srow, 2 * BN, BG, NS)
         acc = acc * tl.load(xinv_ptr + t)                                       # undo the x scale
     else:
         acc = _rows_dot_bf16(x_row, w_ptr + e * s_e, rows, rm, K, s_row, 2 * BN, BG * 32, NS)
@@ -220,7 +258,8 @@ def _down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, w_ptr, s_ptr, bias_ptr, z_ptr, P, 
     gw = tl.load(wt_ptr + p)
     y_row = y_ptr + p * K
     if FP4:
-        acc = _rows_dot_fp4(y_row, w_ptr + e * s_e, s_ptr + e * s_se, rows, rm, G, s_row, s_srow, BN, BG, NS)
+        acc = _rows_dot_fp4(y_row, w_ptr + e * s_e, s_ptr + e * s_se, tl.minimum(rows, H - 1), G, s_row, s_srow,
+                            BN, BG, NS)
         acc = acc * y_inv
     else:
         acc = _rows_dot_bf16(y_row, w_ptr + e * s_e, rows, rm, K, s_row, BN, BG * 32, NS)
