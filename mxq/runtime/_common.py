@@ -30,11 +30,18 @@ def require_triton() -> None:
         raise RuntimeError("mxq.runtime needs triton (it ships with CUDA builds of torch)")
 
 
+# MXQ_AUTOTUNE_FIRST=1: every autotuned kernel runs its first config, untuned (compute-sanitizer runs: tuning
+# replays each config many times, which memcheck makes minutes long).
+AUTOTUNE_FIRST = os.environ.get("MXQ_AUTOTUNE_FIRST", "0") == "1"
+
+
 def autotune(configs, key):
-    """``triton.autotune`` on a GPU; under the interpreter, the kernel itself (callers pass configs[0])."""
+    """``triton.autotune`` on a GPU; under the interpreter or with ``AUTOTUNE_FIRST``, the kernel itself
+    (callers pass configs[0])."""
     def deco(fn):
-        if INTERPRET:
-            fn._mxq_default = dict(configs[0].kwargs)
+        if INTERPRET or AUTOTUNE_FIRST:
+            c = configs[0]
+            fn._mxq_default = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
             return fn
         tuned = triton.autotune(configs=configs, key=key)(fn)
         tuned._mxq_default = None
