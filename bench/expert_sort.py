@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.kernel_bench import event_median_ms  # noqa: E402
 from mxq.runtime import tile_kernels as TK  # noqa: E402
 
 TOPK, BM = 4, 64
@@ -40,21 +40,6 @@ def same(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def time_us(fn, reps: int) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1e3)
-    return statistics.median(ts)
-
-
 def bench(sizes, experts, reps: int) -> list[dict]:
     rows = []
     print(f"{'P':>8} {'E':>4} {'triton us':>10} {'torch us':>10} {'speedup':>8}  equal")
@@ -62,8 +47,8 @@ def bench(sizes, experts, reps: int) -> list[dict]:
         for e in experts:
             idx = routes(p, e, "cuda")
             ok = same(TK.expert_tiles(idx, e, BM), TK.expert_tiles_torch(idx, e, BM))
-            tri = time_us(lambda: TK.expert_tiles(idx, e, BM), reps)
-            ref = time_us(lambda: TK.expert_tiles_torch(idx, e, BM), reps)
+            tri = event_median_ms(lambda: TK.expert_tiles(idx, e, BM), reps, 5) * 1e3
+            ref = event_median_ms(lambda: TK.expert_tiles_torch(idx, e, BM), reps, 5) * 1e3
             rows.append({"P": p, "E": e, "bm": BM, "triton_us": round(tri, 1), "torch_us": round(ref, 1),
                          "speedup": round(ref / tri, 1), "equal": ok})
             print(f"{p:>8} {e:>4} {tri:>10.1f} {ref:>10.1f} {ref / tri:>8.1f}  {ok}", flush=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.kernel_bench import synthetic_moe_layer  # noqa: E402
 
 
 def time_us(fn, reps: int = 200) -> float:
@@ -77,28 +78,12 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=8, help="weight sets rotated over (cold L2)")
     a = ap.parse_args()
 
-    from mxq.formats.mxfp4 import quantize_mxfp4
-    from mxq.model.experts import PackedExperts
     from mxq.runtime import moe_kernels as M
-    from mxq.runtime import stacked_experts
 
     dev = "cuda"
     e, h, i, k, L = 32, 2880, 2880, 4, a.copies
     g = torch.Generator(device=dev).manual_seed(0)
-    layers = []
-    for _ in range(L):
-        ex = PackedExperts(e, h, i, 1.702, 7.0).to(dev)
-        for kind, shape in (("gate_up", (e, 2 * i, h)), ("down", (e, h, i))):
-            w = torch.randn(*shape, device=dev, generator=g) * shape[-1] ** -0.5
-            if a.experts == "mxfp4":
-                b, s = quantize_mxfp4(w)
-                ex.set_stacked(kind, "mxfp4", {"blocks": b, "scales": s}, {"axis": 1, "block": 32})
-            else:
-                ex.set_stacked(kind, "bf16", {"weight": w.bfloat16().contiguous()})
-            del w
-        ex.gate_up_bias.data = ex.gate_up_bias.data.bfloat16()
-        ex.down_bias.data = ex.down_bias.data.bfloat16()
-        layers.append((ex, stacked_experts(ex, "gate_up"), stacked_experts(ex, "down")))
+    layers = [synthetic_moe_layer(a.experts, e, h, i, dev, g) for _ in range(L)]
     ex, gu, dn = layers[0]
     fp4 = gu.fp4
     x = torch.randn(1, h, device=dev, generator=g).bfloat16()

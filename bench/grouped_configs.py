@@ -18,40 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def time_ms(fn, reps: int = 10) -> float:
-    """Median of ``reps`` CUDA-event timings after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-
-def layer(fmt: str, e: int, h: int, i: int, dev: str, g: torch.Generator):
-    from mxq.formats.mxfp4 import quantize_mxfp4
-    from mxq.model.experts import PackedExperts
-    from mxq.runtime import stacked_experts
-
-    ex = PackedExperts(e, h, i, 1.702, 7.0).to(dev)
-    for kind, shape in (("gate_up", (e, 2 * i, h)), ("down", (e, h, i))):
-        w = torch.randn(*shape, device=dev, generator=g) * shape[-1] ** -0.5
-        if fmt == "mxfp4":
-            b, s = quantize_mxfp4(w)
-            ex.set_stacked(kind, "mxfp4", {"blocks": b, "scales": s}, {"axis": 1, "block": 32})
-        else:
-            ex.set_stacked(kind, "bf16", {"weight": w.bfloat16().contiguous()})
-        del w
-    ex.gate_up_bias.data = ex.gate_up_bias.data.bfloat16()
-    ex.down_bias.data = ex.down_bias.data.bfloat16()
-    return ex, stacked_experts(ex, "gate_up"), stacked_experts(ex, "down")
+from bench.kernel_bench import event_median_ms, synthetic_moe_layer  # noqa: E402
 
 
 def main() -> None:
@@ -74,9 +41,9 @@ def main() -> None:
     p = n * k
     out = {"tokens": n, "pairs": p, "experts": e, "device": torch.cuda.get_device_name(), "results": []}
     for bm in (int(v) for v in a.bm.split(",")):
-        out[f"expert_tiles_ms_bm{bm}"] = round(time_ms(lambda: M.expert_tiles(idx, e, bm)), 4)
+        out[f"expert_tiles_ms_bm{bm}"] = round(event_median_ms(lambda: M.expert_tiles(idx, e, bm), 10, 2), 4)
     for fmt in a.experts.split(","):
-        ex, gu, dn = layer(fmt, e, h, i, dev, g)
+        ex, gu, dn = synthetic_moe_layer(fmt, e, h, i, dev, g)
         for bm in (int(v) for v in a.bm.split(",")):
             order, te, ts, tn = M.expert_tiles(idx, e, bm)
             tmax = te.numel()
@@ -100,7 +67,7 @@ def main() -> None:
                            "stages": c.num_stages}
                     try:
                         with forced_config((kern,), c):
-                            ms = time_ms(fn)
+                            ms = event_median_ms(fn, 10, 2)
                         row.update(ms=round(ms, 4), TFLOPs=round(flops / ms / 1e9, 1))
                     except Exception as err:                 # noqa: BLE001 - resource limits of a config
                         row.update(error=f"{type(err).__name__}: {str(err)[:120]}")
