@@ -121,18 +121,24 @@ def next_pow2(n: int) -> int:
 FP4_PAIR_SHIFTS = ((9, 12), (5, 8), (1, 4), (-3, 0))
 
 
+def _fp4_pair_ptx(word: str, j: int) -> list[str]:
+    """PTX putting pair slot j of the int32 ``word`` operand into the f16x2 register ``v`` (``FP4_PAIR_SHIFTS``:
+    magnitude bits to 9-11 / 25-27, sign bits to 15 / 31; clobbers ``s``): the decode shared by both dot PTXs."""
+    vs, ss = FP4_PAIR_SHIFTS[j]
+    lines = [f"shl.b32 v, {word}, {vs};" if vs >= 0 else f"shr.b32 v, {word}, {-vs};", "and.b32 v, v, 0x0E000E00;"]
+    if ss:
+        lines += [f"shl.b32 s, {word}, {ss};", "and.b32 s, s, 0x80008000;"]
+    else:
+        lines.append(f"and.b32 s, {word}, 0x80008000;")
+    return lines + ["or.b32 v, v, s;"]
+
+
 def _fp4_f16_asm() -> str:
     """The PTX of ``fp4_dot_f16``, one block per pair slot of ``FP4_PAIR_SHIFTS``: $1 the word, $2..$5 the x
     pairs of slots 0..3, $0 the fp32 sum of the 8 products."""
     lines = [".reg .b32 v, s, a;", ".reg .b16 l, h;", ".reg .f32 fl, fh;"]
-    for j, (vs, ss) in enumerate(FP4_PAIR_SHIFTS):
-        lines.append(f"shl.b32 v, $1, {vs};" if vs >= 0 else f"shr.b32 v, $1, {-vs};")
-        lines.append("and.b32 v, v, 0x0E000E00;")
-        if ss:
-            lines += [f"shl.b32 s, $1, {ss};", "and.b32 s, s, 0x80008000;"]
-        else:
-            lines.append("and.b32 s, $1, 0x80008000;")
-        lines.append("or.b32 v, v, s;")
+    for j in range(len(FP4_PAIR_SHIFTS)):
+        lines += _fp4_pair_ptx("$1", j)
         lines.append(f"mul.rn.f16x2 a, v, ${2 + j};" if j == 0 else f"fma.rn.f16x2 a, v, ${2 + j}, a;")
     lines += ["mov.b32 {l, h}, a;", "cvt.f32.f16 fl, l;", "cvt.f32.f16 fh, h;", "add.f32 $0, fl, fh;"]
     return "{\n" + "\n".join(lines) + "\n}"
@@ -296,14 +302,8 @@ def _fp4_group_f16_asm() -> str:
     lines = [".reg .b32 v, s, a, b;", ".reg .b16 l, h;", ".reg .f32 fl, fh;"]
     for acc, words in zip("ab", FP4_GROUP_CHAINS):
         for i, w in enumerate(words):
-            for j, (vs, ss) in enumerate(FP4_PAIR_SHIFTS):
-                lines.append(f"shl.b32 v, ${1 + w}, {vs};" if vs >= 0 else f"shr.b32 v, ${1 + w}, {-vs};")
-                lines.append("and.b32 v, v, 0x0E000E00;")
-                if ss:
-                    lines += [f"shl.b32 s, ${1 + w}, {ss};", "and.b32 s, s, 0x80008000;"]
-                else:
-                    lines.append(f"and.b32 s, ${1 + w}, 0x80008000;")
-                lines.append("or.b32 v, v, s;")
+            for j in range(len(FP4_PAIR_SHIFTS)):
+                lines += _fp4_pair_ptx(f"${1 + w}", j)
                 x = f"${5 + 4 * w + j}"
                 lines.append(f"mul.rn.f16x2 {acc}, v, {x};" if i == j == 0 else f"fma.rn.f16x2 {acc}, v, {x}, {acc};")
     lines += ["add.rn.f16x2 a, a, b;", "mov.b32 {l, h}, a;", "cvt.f32.f16 fl, l;", "cvt.f32.f16 fh, h;",
