@@ -20,6 +20,7 @@ import torch
 
 from ._common import (INTERPRET, X_EXP, Y_EXP, GemvX, autotune, bf16r, cfg, e8m0_f16dec, e8m0_x4, FP4_ASM,
                       fp4_group_dot_f16, fp4q, h2perm, h2perm_index, launch, mma, next_pow2, swiglu, tl, triton)
+from . import tile_kernels
 
 # ----------------------------------------------------------------------------------------------- router
 
@@ -465,9 +466,7 @@ def expert_tiles(idx: torch.Tensor, num_experts: int, bm: int = GROUP_BM):
     the real count have start == end and do nothing. T_max = ceil(P / bm) + E bounds the tile count. Two Triton
     launches, no host sync (``tile_kernels``; ids must be in [0, E)).
     """
-    from .tile_kernels import expert_tiles as _expert_tiles
-
-    return _expert_tiles(idx, num_experts, bm)
+    return tile_kernels.expert_tiles(idx, num_experts, bm)
 
 
 def moe_grouped(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gu: ExpertWeights, gu_bias: torch.Tensor,
