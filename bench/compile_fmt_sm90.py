@@ -96,6 +96,8 @@ def compile_one(kernel: str, fmt: str, conf, st: FK.FmtStack) -> dict:
         consts["TOPK"] = TOPK
     if kernel.endswith("grouped"):
         consts.update(BM=FK.GROUP_BM, DOT_F32=False)
+    else:
+        consts["PDL"] = True                      # the decode GEMVs wait on the previous grid (mxq.runtime.pdl)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:

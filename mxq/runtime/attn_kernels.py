@@ -9,13 +9,16 @@ from __future__ import annotations
 import torch
 
 from ._common import INTERPRET, GemvX, bf16r, h2perm, mma, next_pow2, tl, triton, x16_scale
+from .pdl import grid_dep, pdl_kw
 
 # ----------------------------------------------------------------------------------------------- RMSNorm
 
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, d_ptr, xo_ptr, h_ptr, hs_ptr, inv_ptr, w_ptr, H, eps,
-                    ADD: tl.constexpr, TOPK: tl.constexpr, HS: tl.constexpr, BH: tl.constexpr):
+                    ADD: tl.constexpr, TOPK: tl.constexpr, HS: tl.constexpr, BH: tl.constexpr,
+                    PDL: tl.constexpr):
+    grid_dep(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BH)
     m = offs < H
@@ -60,7 +63,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tens
     inv = torch.empty(n, dtype=torch.float32, device=x.device) if hs_mode == 2 else h
     _rmsnorm_kernel[(n,)](x, d, xo, h, hsb, inv, weight, hd, float(eps), ADD=add,
                           TOPK=moe.shape[1] if moe is not None else 1, HS=hs_mode, BH=next_pow2(hd),
-                          num_warps=8 if hd > 2048 else 4)
+                          num_warps=8 if hd > 2048 else 4, **pdl_kw(x))
     out = (xo, h) if add else (h,)
     if hs_mode:
         out = out + ((GemvX(hsb, inv) if hs_mode == 2 else hsb),)
@@ -72,10 +75,11 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tens
 
 @triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr,
-                       N, T, NH, KV, L, HALF: tl.constexpr, BT: tl.constexpr):
+                       N, T, NH, KV, L, HALF: tl.constexpr, BT: tl.constexpr, PDL: tl.constexpr):
     """BT tokens (row-major over [B, T]) of one head per program: q heads, then kv heads (k rotated into the
     cache, v copied). Several tokens per program: one token per program made the 2,048-token prefill
     scheduling-bound (147k programs of 64 elements each)."""
+    grid_dep(PDL)
     n = tl.program_id(0) * BT + tl.arange(0, BT)                 # [BT] tokens
     hh = tl.program_id(1)
     nm = n < N
@@ -118,7 +122,8 @@ def rope_cache(q, k, v, cos, sin, kc, vc, pos, t: int):
     qo = torch.empty(n, nh, d, dtype=q.dtype, device=q.device)
     bt = min(32, next_pow2(n))
     _rope_cache_kernel[(triton.cdiv(n, bt), nh + kv)](q, k, v, cos, sin, qo, kc, vc, pos, n, t, nh, kv, L,
-                                                      HALF=d // 2, BT=bt, num_warps=1 if bt == 1 else 2)
+                                                      HALF=d // 2, BT=bt, num_warps=1 if bt == 1 else 2,
+                                                      **pdl_kw(q))
     return qo
 
 
@@ -129,7 +134,8 @@ def rope_cache(q, k, v, cos, sin, kc, vc, pos, t: int):
 def _attn_kernel(q_ptr, kc_ptr, vc_ptr, sink_ptr, o_ptr, pm_ptr, pl_ptr, pa_ptr, pos_ptr,
                  T, NH, KV, L, scale, chunk, R,
                  G: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
+    grid_dep(PDL)
     bk = tl.program_id(0)                        # b * KV + kv head
     qb = tl.program_id(1)                        # block of BM // G queries (all G heads of the kv head)
     sp = tl.program_id(2)                        # key split (decode)
@@ -189,7 +195,8 @@ def _attn_kernel(q_ptr, kc_ptr, vc_ptr, sink_ptr, o_ptr, pm_ptr, pl_ptr, pa_ptr,
 
 @triton.jit
 def _attn_combine_kernel(pm_ptr, pl_ptr, pa_ptr, sink_ptr, o_ptr, R, NH, NS,
-                         D: tl.constexpr, NSP: tl.constexpr):
+                         D: tl.constexpr, NSP: tl.constexpr, PDL: tl.constexpr):
+    grid_dep(PDL)
     r = tl.program_id(0).to(tl.int64)           # (token, head) row
     head = r % NH
     sp = tl.arange(0, NSP)
@@ -224,6 +231,7 @@ def sink_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, sinks: t
     bsz, kv, L, _ = kc.shape
     g = nh // kv
     o = torch.empty_like(q)
+    pdl = pdl_kw(q)
     if split and not 0 < window <= DECODE_KEYS_PER_SPLIT:
         bm = max(16, g)
         ns = triton.cdiv(L, DECODE_KEYS_PER_SPLIT)
@@ -234,14 +242,14 @@ def sink_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, sinks: t
         grid = (bsz * kv, triton.cdiv(t * g, bm), ns)
         _attn_kernel[grid](q, kc, vc, sinks, o, pm, pl, pa, pos, t, nh, kv, L, float(scale),
                            DECODE_KEYS_PER_SPLIT, r, G=g, D=d, WINDOW=window, SPLIT=True, BM=bm, BN=64,
-                           DOT_F32=INTERPRET, num_warps=4, num_stages=2)
-        _attn_combine_kernel[(r,)](pm, pl, pa, sinks, o, r, nh, ns, D=d, NSP=next_pow2(ns), num_warps=4)
+                           DOT_F32=INTERPRET, num_warps=4, num_stages=2, **pdl)
+        _attn_combine_kernel[(r,)](pm, pl, pa, sinks, o, r, nh, ns, D=d, NSP=next_pow2(ns), num_warps=4, **pdl)
     else:
         bm = max(64, g)
         grid = (bsz * kv, triton.cdiv(t * g, bm), 1)
         _attn_kernel[grid](q, kc, vc, sinks, o, o, o, o, pos, t, nh, kv, L, float(scale), 0, 0,
                            G=g, D=d, WINDOW=window, SPLIT=False, BM=bm, BN=64, DOT_F32=INTERPRET,
-                           num_warps=4, num_stages=2)
+                           num_warps=4, num_stages=2, **pdl)
     return o
 
 
@@ -249,7 +257,8 @@ def sink_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, sinks: t
 
 
 @triton.jit
-def _embed_kernel(seq_ptr, pos_ptr, emb_ptr, x_ptr, H, S, BH: tl.constexpr):
+def _embed_kernel(seq_ptr, pos_ptr, emb_ptr, x_ptr, H, S, BH: tl.constexpr, PDL: tl.constexpr):
+    grid_dep(PDL)
     b = tl.program_id(0).to(tl.int64)
     tok = tl.load(seq_ptr + b * S + tl.load(pos_ptr)).to(tl.int64)
     offs = tl.arange(0, BH)
@@ -262,12 +271,13 @@ def embed_at(seq: torch.Tensor, pos: torch.Tensor, emb: torch.Tensor) -> torch.T
     bsz, s = seq.shape
     h = emb.shape[1]
     x = torch.empty(bsz, h, dtype=emb.dtype, device=emb.device)
-    _embed_kernel[(bsz,)](seq, pos, emb, x, h, s, BH=next_pow2(h), num_warps=4)
+    _embed_kernel[(bsz,)](seq, pos, emb, x, h, s, BH=next_pow2(h), num_warps=4, **pdl_kw(x))
     return x
 
 
 @triton.jit
-def _advance_kernel(nxt_ptr, seq_ptr, pos_ptr, B, S, BB: tl.constexpr):
+def _advance_kernel(nxt_ptr, seq_ptr, pos_ptr, B, S, BB: tl.constexpr, PDL: tl.constexpr):
+    grid_dep(PDL)
     pos = tl.load(pos_ptr)
     ob = tl.arange(0, BB)
     m = ob < B
@@ -279,7 +289,7 @@ def _advance_kernel(nxt_ptr, seq_ptr, pos_ptr, B, S, BB: tl.constexpr):
 def advance(nxt: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> None:
     """seq[b, pos + 1] = nxt[b]; pos += 1 (one program, so the read of pos precedes its write)."""
     bsz, s = seq.shape
-    _advance_kernel[(1,)](nxt, seq, pos, bsz, s, BB=next_pow2(max(bsz, 2)), num_warps=1)
+    _advance_kernel[(1,)](nxt, seq, pos, bsz, s, BB=next_pow2(max(bsz, 2)), num_warps=1, **pdl_kw(seq))
 
 
 # ----------------------------------------------------------------------------------------------- greedy pick
@@ -288,7 +298,8 @@ ARGMAX_BLOCK = 4096
 
 
 @triton.jit
-def _argmax_part_kernel(lg_ptr, pv_ptr, pi_ptr, V, NB, BLOCK: tl.constexpr):
+def _argmax_part_kernel(lg_ptr, pv_ptr, pi_ptr, V, NB, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    grid_dep(PDL)
     b = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     offs = j * BLOCK + tl.arange(0, BLOCK)
@@ -300,7 +311,8 @@ def _argmax_part_kernel(lg_ptr, pv_ptr, pi_ptr, V, NB, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _argmax_advance_kernel(pv_ptr, pi_ptr, seq_ptr, pos_ptr, B, NB, S, NBP: tl.constexpr):
+def _argmax_advance_kernel(pv_ptr, pi_ptr, seq_ptr, pos_ptr, B, NB, S, NBP: tl.constexpr, PDL: tl.constexpr):
+    grid_dep(PDL)
     pos = tl.load(pos_ptr)
     o = tl.arange(0, NBP)
     om = o < NB
@@ -321,5 +333,6 @@ def argmax_advance(logits: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -
     nb = triton.cdiv(v, ARGMAX_BLOCK)
     pv = torch.empty(bsz, nb, dtype=torch.float32, device=logits.device)
     pi = torch.empty(bsz, nb, dtype=torch.int32, device=logits.device)
-    _argmax_part_kernel[(bsz, nb)](logits, pv, pi, v, nb, BLOCK=ARGMAX_BLOCK, num_warps=8)
-    _argmax_advance_kernel[(1,)](pv, pi, seq, pos, bsz, nb, seq.shape[1], NBP=next_pow2(nb), num_warps=2)
+    pdl = pdl_kw(logits)
+    _argmax_part_kernel[(bsz, nb)](logits, pv, pi, v, nb, BLOCK=ARGMAX_BLOCK, num_warps=8, **pdl)
+    _argmax_advance_kernel[(1,)](pv, pi, seq, pos, bsz, nb, seq.shape[1], NBP=next_pow2(nb), num_warps=2, **pdl)

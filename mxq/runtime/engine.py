@@ -7,6 +7,8 @@ Decode step (batch B, one token per row; no host synchronisation anywhere), 11 l
   expert outputs + residual + next RMSNorm] -> ... -> lm_head (cuBLAS) -> argmax -> seq[:, pos + 1] = next,
   pos += 1.
 Every position is read from the device scalar ``pos``, so one captured graph replays at any position.
+Every Triton kernel of the step launches with programmatic dependent launch on sm_90+ (``pdl``): the next grid
+is resident and waiting while the current one drains, which hides most of the per-launch gap of ~240 launches.
 Prefill: the same kernels over T tokens (attention without the key split), the MoE as grouped GEMMs over
 (token, expert) pairs sorted by expert, lm_head on the last token only; or the reference model
 (``prefill="reference"``).

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from ._common import INTERPRET, autotune, bf16r, cfg, e8m0_x4, launch, mma, swiglu, tl, triton, x_parts
+from .pdl import grid_dep, pdl_kw
 from .moe_kernels import GROUP_BM, down_tile_out, expert_tiles, gate_up_tile_out, tile_rows
 
 # format name -> (kernel code, elements per 32-bit word, elements per scale group)
@@ -240,7 +241,8 @@ def _fmt_gate_up_gemv_kernel(x_ptr, idx_ptr, slot_ptr, sidx_ptr, slot, w_ptr, s_
                              bias_ptr, y_ptr, P, K, I, WPR, s_we, s_wr, s_se, s_sr, s_sg, s_ne, alpha, limit,
                              TOPK: tl.constexpr, FMT: tl.constexpr, EPW: tl.constexpr, GW: tl.constexpr,
                              SROW: tl.constexpr, ASYM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
-                             NS: tl.constexpr):
+                             NS: tl.constexpr, PDL: tl.constexpr):
+    grid_dep(PDL)
     p = tl.program_id(0)
     nb = tl.program_id(1)
     t = (p // TOPK).to(tl.int64)
@@ -264,7 +266,9 @@ def _fmt_gate_up_gemv_kernel(x_ptr, idx_ptr, slot_ptr, sidx_ptr, slot, w_ptr, s_
 def _fmt_down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, slot_ptr, sidx_ptr, slot, w_ptr, s_ptr, z_ptr, g_ptr, n_ptr,
                           lut_ptr, bias_ptr, z_out, P, K, H, WPR, s_we, s_wr, s_se, s_sr, s_sg, s_ne,
                           FMT: tl.constexpr, EPW: tl.constexpr, GW: tl.constexpr, SROW: tl.constexpr,
-                          ASYM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, NS: tl.constexpr):
+                          ASYM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, NS: tl.constexpr,
+                          PDL: tl.constexpr):
+    grid_dep(PDL)
     p = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     e = tl.load(idx_ptr + p)
@@ -525,7 +529,7 @@ def fmt_gate_up_gemv(xs: torch.Tensor, idx: torch.Tensor, gu: FmtExperts, bias: 
     for s, st in enumerate(gu.stacks):
         launch(_fmt_gate_up_gemv_kernel, lambda m: (n * k, triton.cdiv(i, m["BN"])),
                xs, idx, gu.slot, gu.sidx, s, *st.args(), bias, y, n * k, gu.in_f, i, *st.strides(),
-               float(alpha), float(limit), TOPK=k, **st.meta())
+               float(alpha), float(limit), TOPK=k, **st.meta(), **pdl_kw(y))
     return y
 
 
@@ -537,7 +541,8 @@ def fmt_down_gemv(y: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, dn: FmtE
     z = torch.empty(n, k, h, dtype=torch.float32, device=y.device)
     for s, st in enumerate(dn.stacks):
         launch(_fmt_down_gemv_kernel, lambda m: (n * k, triton.cdiv(h, m["BN"])),
-               y, idx, wt, dn.slot, dn.sidx, s, *st.args(), bias, z, n * k, dn.in_f, h, *st.strides(), **st.meta())
+               y, idx, wt, dn.slot, dn.sidx, s, *st.args(), bias, z, n * k, dn.in_f, h, *st.strides(), **st.meta(),
+               **pdl_kw(z))
     return z
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ._common import autotune, cfg, launch, tl, triton
+from .pdl import grid_dep, pdl_kw
 
 # NS: stages of the K loop's software pipeline (``tl.range``; a plain ``range`` loop is not pipelined for loads
 # that do not feed ``tl.dot``: see ``moe_kernels._rows_dot_fp4``); NS = 1 is the unpipelined loop.
@@ -19,7 +20,8 @@ _CONFIGS = [cfg(4, 2, BN=16, BK=256, NS=3), cfg(4, 2, BN=8, BK=512, NS=3), cfg(4
 @autotune(_CONFIGS, key=["K", "NMAX", "NT"])
 @triton.jit
 def _gemv3_kernel(x_ptr, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, K, NMAX, NT,
-                  BN: tl.constexpr, BK: tl.constexpr, NS: tl.constexpr):
+                  BN: tl.constexpr, BK: tl.constexpr, NS: tl.constexpr, PDL: tl.constexpr):
+    grid_dep(PDL)
     rb = tl.program_id(0)
     which = tl.program_id(1)
     t = tl.program_id(2).to(tl.int64)
@@ -52,5 +54,6 @@ def linear_gemv(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]
         w, b = layers[min(i, len(layers) - 1)]
         args += [w, b, outs[min(i, len(layers) - 1)], w.shape[0]]
     nmax = max(w.shape[0] for w, _ in layers)
-    launch(_gemv3_kernel, lambda m: (triton.cdiv(nmax, m["BN"]), len(layers), n_tok), x, *args, k, nmax, n_tok)
+    launch(_gemv3_kernel, lambda m: (triton.cdiv(nmax, m["BN"]), len(layers), n_tok), x, *args, k, nmax, n_tok,
+           **pdl_kw(x))
     return outs

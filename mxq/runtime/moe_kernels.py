@@ -20,6 +20,7 @@ import torch
 
 from ._common import (INTERPRET, X_EXP, Y_EXP, GemvX, autotune, bf16r, cfg, e8m0_f16dec, e8m0_x4, FP4_ASM,
                       fp4_group_dot_f16, fp4q, h2perm, h2perm_index, launch, mma, next_pow2, swiglu, tl, triton)
+from .pdl import grid_dep, pdl_kw
 from . import tile_kernels
 
 # ----------------------------------------------------------------------------------------------- router
@@ -61,10 +62,11 @@ def _topk_store(logit, t, idx_ptr, wt_ptr, TOPK: tl.constexpr, BE: tl.constexpr,
 
 @triton.jit
 def _router_fused_kernel(x_ptr, w_ptr, b_ptr, lg_ptr, cnt_ptr, idx_ptr, wt_ptr, H, E, BK: tl.constexpr,
-                         TOPK: tl.constexpr, BE: tl.constexpr, KP: tl.constexpr):
+                         TOPK: tl.constexpr, BE: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr):
     """One program per (token, expert) writes its logit; the token's last program to finish (a per-token
     counter, acq_rel atomics) reads all E logits past L1 and does the top-k, then zeroes the counter for the
     next call. One launch instead of logits + top-k: a decode step has 24 routers, each launch ~2 us."""
+    grid_dep(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1)
     tl.store(lg_ptr + t * E + e, _router_logit(x_ptr, w_ptr, b_ptr, t, e, H, BK))
@@ -115,7 +117,7 @@ def router_topk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, top_k: int) -
     else:
         logits = torch.empty(n, e, dtype=torch.float32, device=x.device)
         _router_fused_kernel[(n, e)](x, w, b, logits, _router_counters(x.device), idx, wt, h, e, BK=1024,
-                                     TOPK=top_k, BE=be, KP=kp, num_warps=4)
+                                     TOPK=top_k, BE=be, KP=kp, num_warps=4, **pdl_kw(x))
     return idx, wt
 
 
@@ -221,7 +223,8 @@ _GEMV_CONFIGS = [cfg(4, 2, BN=4, BG=16, NS=1), cfg(4, 2, BN=8, BG=16, NS=1), cfg
 def _gate_up_gemv_kernel(x_ptr, xinv_ptr, idx_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, P, K, I, G,
                          s_e, s_row, s_se, s_srow, alpha, limit, y_scale,
                          TOPK: tl.constexpr, FP4: tl.constexpr, YPERM: tl.constexpr, BN: tl.constexpr,
-                         BG: tl.constexpr, NS: tl.constexpr):
+                         BG: tl.constexpr, NS: tl.constexpr, PDL: tl.constexpr):
+    grid_dep(PDL)
     p = tl.program_id(0)
     nb = tl.program_id(1)
     t = (p // TOPK).to(tl.int64)
@@ -250,7 +253,9 @@ def _gate_up_gemv_kernel(x_ptr, xinv_ptr, idx_ptr, w_ptr, s_ptr, bias_ptr, y_ptr
 @triton.jit
 def _down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, w_ptr, s_ptr, bias_ptr, z_ptr, P, K, H, G,
                       s_e, s_row, s_se, s_srow, y_inv,
-                      FP4: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, NS: tl.constexpr):
+                      FP4: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, NS: tl.constexpr,
+                      PDL: tl.constexpr):
+    grid_dep(PDL)
     p = tl.program_id(0).to(tl.int64)                  # (token, slot) pair
     hb = tl.program_id(1)
     rows = hb * BN + tl.arange(0, BN)
@@ -303,7 +308,7 @@ def gate_up_gemv(xs: torch.Tensor | GemvX, idx: torch.Tensor, gu: ExpertWeights,
     y = torch.empty(n * k, i, dtype=torch.float16 if yperm else torch.float32, device=x.device)
     launch(_gate_up_gemv_kernel, lambda m: (n * k, triton.cdiv(i, m["BN"])),
            x, inv, idx, gu.w, gu.s, bias, y, n * k, gu.in_f, i, gu.groups, gu.s_e, gu.s_row, gu.s_se, gu.s_srow,
-           float(alpha), float(limit), float(2.0 ** Y_EXP), TOPK=k, FP4=gu.fp4, YPERM=yperm)
+           float(alpha), float(limit), float(2.0 ** Y_EXP), TOPK=k, FP4=gu.fp4, YPERM=yperm, **pdl_kw(x))
     return y
 
 
@@ -320,7 +325,7 @@ def down_gemv(y: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, dn: ExpertWe
     z = torch.empty(n, k, h, dtype=torch.float32, device=y.device)
     launch(_down_gemv_kernel, lambda m: (n * k, triton.cdiv(h, m["BN"])),
            y, idx, wt, dn.w, dn.s, bias, z, n * k, dn.in_f, h, dn.groups, dn.s_e, dn.s_row, dn.s_se, dn.s_srow,
-           float(2.0 ** -Y_EXP), FP4=dn.fp4)
+           float(2.0 ** -Y_EXP), FP4=dn.fp4, **pdl_kw(y))
     return z
 
 
