@@ -1,9 +1,10 @@
 """The fast path: Triton kernels for every step of a GPT-OSS decode, captured in one CUDA graph.
 
-Decode step (batch B, one token per row; no host synchronisation anywhere), 11 launches per layer:
+Decode step (batch B, one token per row; no host synchronisation anywhere), 9 launches per layer (10 on
+full-attention layers, whose split-K attention needs the merge):
   embed(seq[:, pos]) -> RMSNorm -> per layer: q/k/v GEMV (one launch) -> RoPE + KV-cache write -> split-K
-  sink attention + merge -> o_proj GEMV -> residual add + RMSNorm -> router logits -> top-k softmax ->
-  gate_up GEMV + SwiGLU (all k experts) -> down GEMV (all k experts, routing-weighted) -> [sum of the k
+  sink attention + merge -> o_proj GEMV -> residual add + RMSNorm -> router logits + top-k softmax (one
+  launch) -> gate_up GEMV + SwiGLU (all k experts) -> down GEMV (all k experts, routing-weighted) -> [sum of the k
   expert outputs + residual + next RMSNorm] -> ... -> lm_head (cuBLAS) -> argmax -> seq[:, pos + 1] = next,
   pos += 1.
 Every position is read from the device scalar ``pos``, so one captured graph replays at any position.
