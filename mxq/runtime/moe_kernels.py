@@ -341,7 +341,8 @@ def _tile_dot(x_ptr, x_rows, rmask, blk, scl, wcols, wmask, K, s_row, s_srow, k_
     on Hopper Triton upcasts the nibbles to bf16 through byte permutes, multiplies by the scale in bf16 (exact:
     a 2-bit significand times a power of two) and feeds the weights to the tensor cores from registers with the
     token tile as the shared-memory operand, so each weight tile is decoded once per tile of BM pairs
-    (``fast_math``: scale byte 255, NaN in the MX spec, is not special-cased). Under the interpreter (``DOT_F32``; it has no ``dot_scaled``) the fp32 ``fp4q`` decode of even/odd nibbles instead."""
+    (``fast_math``: scale byte 255, NaN in the MX spec, is not special-cased). Under the interpreter
+    (``DOT_F32``; it has no ``dot_scaled``) the fp32 ``fp4q`` decode of even/odd nibbles instead."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     if FP4 and not DOT_F32:
         kk = tl.arange(0, BK)
@@ -485,9 +486,7 @@ def moe_grouped(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gu: Expert
     i, h = gu.out_f // 2, dn.out_f
     e = gu.w.shape[0]
     bm = MOE_BM[gu.fmt] if bm is None else int(bm)
-    if bm < 16 or bm & (bm - 1):
-        raise ValueError(f"moe_grouped: bm must be a power of two >= 16, got {bm}")
-    order, te, ts, tn = expert_tiles(idx, e, bm)
+    order, te, ts, tn = expert_tiles(idx, e, bm)                            # checks bm before any launch
     tmax = te.numel()
     y = torch.empty(p, i, dtype=torch.bfloat16, device=x.device)             # rows in sorted order
     launch(_gate_up_grouped_kernel, lambda m: (tmax, triton.cdiv(i, m["BN"])),

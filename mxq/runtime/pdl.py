@@ -37,8 +37,7 @@ def _sm90(index: int) -> bool:
 def pdl_on(t: torch.Tensor) -> bool:
     """Whether kernels on ``t``'s device launch with PDL: a CUDA sm_90+ device, not the interpreter, and
     ``USE_PDL`` (read at every launch, so tests can switch it)."""
-    return USE_PDL and not INTERPRET and t.is_cuda and _sm90(t.device.index if t.device.index is not None
-                                                               else torch.cuda.current_device())
+    return USE_PDL and not INTERPRET and t.is_cuda and _sm90(t.device.index)     # a CUDA tensor's index is set
 
 
 def pdl_kw(t: torch.Tensor) -> dict:
