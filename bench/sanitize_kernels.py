@@ -37,8 +37,6 @@ from kernel_bench import synthetic_moe_layer  # noqa: E402
 DEV = "cuda"
 H, I, E, K = 2880, 2880, 32, 4
 E_FMT = 12          # experts of the fmt_kernels layers (quantized one by one: few keep the run short under the tool)
-FORMATS = ["mxfp4", "nvfp4", "nf4", "nf4_dq", "int4_g32", "int4_g128", "int4_g32_asym", "int4_g128_asym", "fp8",
-           "fp8_block", "bf16"]
 
 
 def finite(name: str, *ts: torch.Tensor) -> None:
@@ -146,6 +144,8 @@ def part_fmt(a) -> None:
     from mxq.runtime._common import forced_config
     from mxq.runtime.fmt_kernels import fmt_down_gemv, fmt_gate_up_gemv, fmt_moe_grouped
 
+    formats = list(FK.FORMATS)                        # every format fmt_kernels has a kernel for
+
     g = torch.Generator(device=DEV).manual_seed(0)
     gemv = [FK._fmt_gate_up_gemv_kernel, FK._fmt_down_gemv_kernel]
     grouped = [FK._fmt_gate_up_grouped_kernel, FK._fmt_down_grouped_kernel]
@@ -153,7 +153,7 @@ def part_fmt(a) -> None:
     idx2, wt2 = routing(2, E_FMT, K, 1)
     xp = torch.randn(600, H, device=DEV, generator=g).bfloat16()
     idxp, wtp = routing(600, E_FMT, K, 2)
-    layers = [[f] for f in FORMATS] + [FORMATS]
+    layers = [[f] for f in formats] + [formats]
     for fmts in layers:
         ex, gu, dn = _fmt_layer(fmts, g)
         name = fmts[0] if len(fmts) == 1 else "mixed(all formats)"
