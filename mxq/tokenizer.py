@@ -20,6 +20,8 @@ from pathlib import Path
 
 import transformers
 
+from mxq.atomic import write_atomic
+
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"  # gunzipped, spec 6.1
 # tiktoken's o200k_base ``pat_str`` (tiktoken_ext/openai_public.py), verbatim.
 O200K_PATTERN = "|".join([
@@ -129,22 +131,6 @@ def _convert(ranks: dict[bytes, int]) -> str:
     return tok.to_str(pretty=True)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file + ``os.replace`` so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should stay readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def o200k_tokenizer_json(cache_dir: Path | None = None, *, source: Path | None = None) -> Path:
     """Path of the cached o200k_harmony ``tokenizer.json``, built offline on first use.
 
@@ -157,7 +143,7 @@ def o200k_tokenizer_json(cache_dir: Path | None = None, *, source: Path | None =
     key = hashlib.sha256(source.read_bytes()).hexdigest()
     out = Path(cache_dir or default_cache_dir()) / f"o200k_harmony-{key[:24]}-v{_BUILD_VERSION}.tokenizer.json"
     if not out.is_file():
-        _atomic_write(out, _convert(_read_ranks(source)).encode("utf-8"))
+        write_atomic(out, _convert(_read_ranks(source)))
     return out
 
 
