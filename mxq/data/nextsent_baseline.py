@@ -104,12 +104,12 @@ def load_items(path: Path) -> list[dict[str, Any]]:
 
 def measure(evals_dir: Path = EVALS_DIR) -> dict[str, Any]:
     """Accuracy of every baseline per domain and its unweighted mean over domains (like the lm-eval group)."""
-    out: dict[str, Any] = {}
-    for name, scorer in BASELINES.items():
-        per = {d: accuracy(load_items(evals_dir / "tiny_nextsent" / f"{d}.jsonl"), scorer, train_idf(d))
-               for d in DOMAINS}
-        out[name] = {"per_domain": per, "mean": sum(per.values()) / len(per)}
-    return out
+    per: dict[str, dict[str, float]] = {name: {} for name in BASELINES}
+    for d in DOMAINS:
+        items, idf = load_items(evals_dir / "tiny_nextsent" / f"{d}.jsonl"), train_idf(d)
+        for name, scorer in BASELINES.items():
+            per[name][d] = accuracy(items, scorer, idf)
+    return {name: {"per_domain": acc, "mean": sum(acc.values()) / len(acc)} for name, acc in per.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
