@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
+from ..atomic import write_atomic
 from ..model.attention import SinkAttention, inference_attention_impl
 from .perplexity import Item, window_logprobs
 
@@ -79,10 +80,7 @@ def model_hash(folder: str | Path, cache_dir: Path | None = None) -> str:
             memo[key] = _file_hash(f)
         h.update(f"{f.relative_to(folder)}:{st.st_size}:{memo[key]}\n".encode())
     if memo_path:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
+        write_atomic(memo_path, json.dumps(memo))
     return h.hexdigest()
 
 

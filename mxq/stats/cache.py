@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 import xxhash
+
+from ..atomic import write_atomic
 
 CHUNK = 16 * 1024 * 1024  # bytes read per update
 
@@ -30,14 +30,6 @@ def _file_digest(path: Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def model_hash(folder: str | Path, memo: str | Path | None = None) -> str:
@@ -60,7 +52,7 @@ def model_hash(folder: str | Path, memo: str | Path | None = None) -> str:
         h.update(f"{f.name}:{table[key]}\n".encode())
     if changed:
         try:
-            _write_json_atomic(memo_path, table)
+            write_atomic(memo_path, json.dumps(table, indent=1, sort_keys=True))
         except OSError:
             pass  # a read-only cache only costs re-hashing next time
     return h.hexdigest()
