@@ -18,8 +18,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .resources import RECIPES_SEARCH_PATH, recipes_dir
+
 log = logging.getLogger("mxq.run")
-RECIPES = str(Path(__file__).resolve().parents[1] / "recipes")
+RECIPES = str(recipes_dir())
 
 
 @dataclass
@@ -187,7 +189,7 @@ def run(cfg: DictConfig, run_dir: Path) -> RunContext:
     return ctx
 
 
-@hydra.main(version_base=None, config_path=RECIPES, config_name="run")
+@hydra.main(version_base=None, config_path=RECIPES_SEARCH_PATH, config_name="run")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-EVALS_DIR = Path(__file__).resolve().parents[2] / "evals"
+from ..resources import evals_dir
+
+EVALS_DIR = evals_dir()
 GROUPS = ("tiny_ppl", "tiny_cloze", "tiny_nextsent", "tiny_all")
 
 
