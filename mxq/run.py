@@ -18,6 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .console import StageDisplay, quiet_libraries
 from .resources import RECIPES_SEARCH_PATH, recipes_dir
 
 log = logging.getLogger("mxq.run")
@@ -93,7 +94,8 @@ def _stats(ctx: RunContext) -> None:
     from .stats import collect_or_load, write_report
 
     ctx.stats = collect_or_load(ctx.model, ctx.tokenizer, ctx.cfg.calib, ctx.run_dir, Path(ctx.cfg.cache_dir),
-                                ctx.cfg.batch_size, ctx.cfg.recipe.get("super_experts"))
+                                ctx.cfg.batch_size, ctx.cfg.recipe.get("super_experts"),
+                                progress=bool(ctx.cfg.get("verbose", False)))
     write_report(ctx.stats, ctx.run_dir)
 
 
@@ -172,14 +174,17 @@ def run(cfg: DictConfig, run_dir: Path) -> RunContext:
     cuda = device.type == "cuda"
     gpu_peak: dict[str, int] = {}
     t_run = time.perf_counter()
-    for name, fn in STAGES:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        fn(ctx)
-        ctx.timings[name] = round(time.perf_counter() - t0, 3)
-        if cuda:       # since the stage began (inside evaluate, the memory probe and the speed sweep reset it)
-            gpu_peak[name] = int(torch.cuda.max_memory_allocated(device))
+    stages = StageDisplay()
+    with quiet_libraries(bool(cfg.get("verbose", False))):
+        for name, fn in STAGES:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            with stages.stage(name):
+                fn(ctx)
+            ctx.timings[name] = round(time.perf_counter() - t0, 3)
+            if cuda:   # since the stage began (inside evaluate, the memory probe and the speed sweep reset it)
+                gpu_peak[name] = int(torch.cuda.max_memory_allocated(device))
     from .runmeta import environment
 
     meta = {"env": environment(), "timings_s": ctx.timings, "wall_s": round(time.perf_counter() - t_run, 3),

@@ -59,7 +59,7 @@ def test_wheel_runs_recipes_from_an_empty_folder(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
     py = venv / "bin" / "python"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-warn-script-location",
-                    "--prefix", str(venv), str(wheel)], check=True, capture_output=True)
+                    "--ignore-installed", "--prefix", str(venv), str(wheel)], check=True, capture_output=True)
     work = tmp_path / "empty"
     work.mkdir()
     env = {**os.environ, "MXQ_CACHE": str(tmp_path / "cache"), "PYTHONPATH": ""}

@@ -26,6 +26,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from ..console import quiet
 from ..model.generate import sample_next
 from .perplexity import target_logprobs
 
@@ -145,7 +146,8 @@ class MxqLM(TemplateLM):
             seqs.append((full[:-1], full[1:], len(cont)))                    # inputs, targets, scored tail
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
         res: list[tuple[float, bool] | None] = [None] * len(seqs)
-        for s in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm, desc="loglikelihood", leave=False):
+        for s in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm or quiet(), desc="loglikelihood",
+                      leave=False):
             idx = order[s:s + self.batch_size]
             width = max(len(seqs[i][0]) for i in idx)
             ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)            # [b, W]
@@ -166,7 +168,7 @@ class MxqLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole documents: sliding windows over prefix + tokens, every token once."""
         out = []
-        for req in tqdm(requests, disable=disable_tqdm, desc="loglikelihood_rolling", leave=False):
+        for req in tqdm(requests, disable=disable_tqdm or quiet(), desc="loglikelihood_rolling", leave=False):
             (string,) = req.args
             toks = torch.tensor(self.tok_encode(string), dtype=torch.long)
             lp = target_logprobs(self.model, toks, self.max_length, self.rolling_stride, self.batch_size,
@@ -230,7 +232,7 @@ class MxqLM(TemplateLM):
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
         res: list[str | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until", leave=False)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or quiet(), desc="generate_until", leave=False)
         for key, idx in groups.items():
             kw = dict(json.loads(key))
             until = kw.pop("until", None) or []

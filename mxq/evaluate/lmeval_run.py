@@ -10,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..console import lm_eval_quiet
 from .lmeval_adapter import MxqLM
 
 
@@ -43,12 +44,13 @@ def run_lm_eval(model, tokenizer, cfg: dict[str, Any], run_dir: Path | None = No
                chat_format=cfg.get("chat_format", False), max_gen_toks=cfg.get("max_gen_toks", 256),
                rolling_stride=cfg.get("rolling_stride"))
     seed = int(cfg.get("seed", 0))
-    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=cfg.get("limit"),
-                                  num_fewshot=cfg.get("num_fewshot"),
-                                  bootstrap_iters=int(cfg.get("bootstrap_iters", 0)),
-                                  log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                  torch_random_seed=seed, fewshot_random_seed=seed,
-                                  apply_chat_template=bool(cfg.get("apply_chat_template", False)))
+    with lm_eval_quiet():
+        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=cfg.get("limit"),
+                                      num_fewshot=cfg.get("num_fewshot"),
+                                      bootstrap_iters=int(cfg.get("bootstrap_iters", 0)),
+                                      log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                      torch_random_seed=seed, fewshot_random_seed=seed,
+                                      apply_chat_template=bool(cfg.get("apply_chat_template", False)))
     group_names = set((res.get("groups") or {}).keys())
     per_task: dict[str, dict[str, Any]] = {}
     groups: dict[str, dict[str, Any]] = {}
