@@ -40,15 +40,26 @@ class RunContext:
     timings: dict = field(default_factory=dict)
 
 
-STAGES: list[tuple[str, Callable[[RunContext], None]]] = []
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: Callable[[RunContext], None]
+    when: Callable[[RunContext], bool]      # False: the recipe or config turns this stage off
 
 
-def stage(name: str) -> Callable:
+STAGES: list[Stage] = []
+
+
+def stage(name: str, when: Callable[[RunContext], Any] = lambda ctx: True) -> Callable:
     def deco(fn: Callable[[RunContext], None]) -> Callable[[RunContext], None]:
-        STAGES.append((name, fn))
+        STAGES.append(Stage(name, fn, lambda ctx: bool(when(ctx))))
         return fn
 
     return deco
+
+
+def _exports(ctx: RunContext) -> bool:
+    return bool(ctx.cfg.recipe.get("planner") and ctx.cfg.recipe.get("export", {}).get("enabled"))
 
 
 def resolve_device(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
@@ -79,18 +90,15 @@ def _load(ctx: RunContext) -> None:
              ctx.device, str(ctx.dtype).removeprefix("torch."))
 
 
-@stage("validate")
+@stage("validate", when=lambda ctx: ctx.cfg.recipe.get("planner"))
 def _validate(ctx: RunContext) -> None:
-    if ctx.cfg.recipe.get("planner"):
-        from .plan import validate
+    from .plan import validate
 
-        validate(ctx.cfg.recipe, ctx.model.config)
+    validate(ctx.cfg.recipe, ctx.model.config)
 
 
-@stage("stats")
+@stage("stats", when=lambda ctx: ctx.cfg.recipe.get("stats"))
 def _stats(ctx: RunContext) -> None:
-    if not ctx.cfg.recipe.get("stats"):
-        return
     from .stats import collect_or_load, write_report
 
     ctx.stats = collect_or_load(ctx.model, ctx.tokenizer, ctx.cfg.calib, ctx.run_dir, Path(ctx.cfg.cache_dir),
@@ -99,10 +107,8 @@ def _stats(ctx: RunContext) -> None:
     write_report(ctx.stats, ctx.run_dir)
 
 
-@stage("plan")
+@stage("plan", when=lambda ctx: ctx.cfg.recipe.get("planner"))
 def _plan(ctx: RunContext) -> None:
-    if not ctx.cfg.recipe.get("planner"):
-        return
     from .plan import apply_, build_plan, export_model
 
     t0 = time.perf_counter()
@@ -117,11 +123,19 @@ def _plan(ctx: RunContext) -> None:
         ctx.timings["plan_export"] = round(time.perf_counter() - t2, 3)
 
 
-@stage("generate")
+@stage("reload", when=_exports)
+def _reload(ctx: RunContext) -> None:
+    """From here on the run measures the exported folder as a user loads it, not the in-memory model."""
+    exported = ctx.run_dir / "model"
+    from .evaluate.reload import reload_exported
+
+    ctx.model = reload_exported(ctx.model, exported, ctx.device, ctx.dtype)
+    ctx.metrics["evaluated"] = {"model": str(exported), "reloaded_from_disk": True}
+
+
+@stage("generate", when=lambda ctx: ctx.cfg.generate.max_new_tokens)
 def _generate(ctx: RunContext) -> None:
     g = ctx.cfg.generate
-    if not g.max_new_tokens:
-        return
     ids = ctx.tokenizer(g.prompt, return_tensors="pt").input_ids.to(ctx.device)
     t0 = time.perf_counter()
     out = ctx.model.generate(ids, max_new_tokens=g.max_new_tokens, eos_token_id=ctx.model.config.eos_token_id)
@@ -133,10 +147,8 @@ def _generate(ctx: RunContext) -> None:
     log.info("greedy generation (%d tokens, %.2f s): %r", out.shape[1] - ids.shape[1], dt, text)
 
 
-@stage("evaluate")
+@stage("evaluate", when=lambda ctx: ctx.cfg.eval.get("enabled", True))
 def _evaluate(ctx: RunContext) -> None:
-    if not ctx.cfg.eval.get("enabled", True):
-        return
     from .evaluate import evaluate
 
     ctx.metrics.update(evaluate(ctx.model, ctx.tokenizer, ctx.cfg.eval, ctx.run_dir, baseline_source=ctx.source))
@@ -155,14 +167,10 @@ def _outputs(ctx: RunContext) -> None:
     ctx.metrics["plan"] = ctx.plan.summary() if ctx.plan is not None else None
     ctx.metrics["env"] = environment()
     ctx.metrics.setdefault("timings_s", {}).update(ctx.timings)
-    try:
-        from .evaluate import write_run_outputs
-    except ImportError:
-        write_run_outputs = None
-    if write_run_outputs is not None and "memory" in ctx.metrics:
-        write_run_outputs(ctx.run_dir, ctx.metrics)
-    else:
-        (ctx.run_dir / "metrics.json").write_text(json.dumps(ctx.metrics, indent=2, default=str) + "\n")
+    ctx.metrics.setdefault("evaluated", {"model": str(ctx.model.source), "reloaded_from_disk": False})
+    from .evaluate import write_run_outputs
+
+    write_run_outputs(ctx.run_dir, ctx.metrics)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> RunContext:
@@ -176,15 +184,18 @@ def run(cfg: DictConfig, run_dir: Path) -> RunContext:
     t_run = time.perf_counter()
     stages = StageDisplay()
     with quiet_libraries(bool(cfg.get("verbose", False))):
-        for name, fn in STAGES:
+        for st in STAGES:
+            if not st.when(ctx):
+                stages.skipped(st.name)
+                continue
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            with stages.stage(name):
-                fn(ctx)
-            ctx.timings[name] = round(time.perf_counter() - t0, 3)
+            with stages.stage(st.name):
+                st.fn(ctx)
+            ctx.timings[st.name] = round(time.perf_counter() - t0, 3)
             if cuda:   # since the stage began (inside evaluate, the memory probe and the speed sweep reset it)
-                gpu_peak[name] = int(torch.cuda.max_memory_allocated(device))
+                gpu_peak[st.name] = int(torch.cuda.max_memory_allocated(device))
     from .runmeta import environment
 
     meta = {"env": environment(), "timings_s": ctx.timings, "wall_s": round(time.perf_counter() - t_run, 3),
@@ -200,7 +211,7 @@ def main(cfg: DictConfig) -> None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run(cfg, run_dir)
-    log.info("run folder: %s", run_dir)
+    log.debug("run folder: %s", run_dir)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,8 @@ def write_report(run_dir: Path, metrics: dict[str, Any], plots: bool = True) -> 
     if plots:
         from . import plots as P
 
-        P.plot_memory(metrics, run_dir / "memory.png")
+        if get_path(metrics, "memory.weight_bytes") is not None:
+            P.plot_memory(metrics, run_dir / "memory.png")
         if get_path(metrics, "speed.by_setting"):
             P.plot_speed(metrics, run_dir / "speed.png")
         if get_path(metrics, "accuracy.perplexity"):
@@ -181,7 +182,8 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         ("KL mean / p99", f"{fmt(get_path(metrics, 'accuracy.kl_vs_baseline.mean'))} / "
                           f"{fmt(get_path(metrics, 'accuracy.kl_vs_baseline.p99'))}"),
         ("top-1 agreement", fmt(get_path(metrics, "accuracy.kl_vs_baseline.top1_agreement"))),
-        ("path / dtype", f"{get_path(metrics, 'precision.path')} / {get_path(metrics, 'precision.compute_dtype')}"),
+        ("path / dtype", f"{fmt(get_path(metrics, 'precision.path'))} / "
+                         f"{fmt(get_path(metrics, 'precision.compute_dtype'))}"),
     ]
 
 
@@ -189,9 +191,13 @@ def print_summary(metrics: dict[str, Any], run_dir: Path | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"mxq evaluation{f' - {run_dir}' if run_dir else ''}", show_header=False)
-    t.add_column("metric", style="bold")
-    t.add_column("value")
-    for k, v in summary_rows(metrics):
+    t = Table(title=f"mxq: {get_path(metrics, 'recipe.name') or 'evaluation'}", show_header=False)
+    t.add_column("metric", style="bold", no_wrap=True)
+    t.add_column("value", overflow="fold")
+    rows = [(k, v) for k, v in summary_rows(metrics) if k != "recipe" and v.strip("-/ ") not in ("", "None")]
+    for k, v in rows:
         t.add_row(k, v)
-    Console().print(t)
+    console = Console()
+    console.print(t if rows else f"mxq: {get_path(metrics, 'recipe.name') or 'run'} (nothing was evaluated)")
+    if run_dir is not None:
+        console.print(f"run folder: {run_dir}", soft_wrap=True)
