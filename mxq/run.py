@@ -99,7 +99,8 @@ def _stats(ctx: RunContext) -> None:
 def _plan(ctx: RunContext) -> None:
     if not ctx.cfg.recipe.get("planner"):
         return
-    from .plan import apply_, build_plan, export_model
+    from .io.targets import export_model
+    from .plan import apply_, build_plan
 
     t0 = time.perf_counter()
     ctx.plan = build_plan(ctx.cfg.recipe, ctx.stats, ctx.model)

@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 
 from ..formats import Packed
-from ..io.mxq_layout import MANIFEST, MxqSource
-from ..io.reader import _Source, open_checkpoint, resolve_source
-from ..io.safetensors_io import CheckpointError
+from .mxq_layout import MANIFEST, MxqSource
+from .reader import _Source, open_checkpoint, resolve_source
+from .safetensors_io import CheckpointError
 
 MXFP4_META = {"axis": 1, "block": 32}
 

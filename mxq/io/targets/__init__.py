@@ -1,29 +1,36 @@
-"""Exports that other engines load: the exact gpt-oss HF layout when it can hold the plan, else mxq's own.
+"""Export targets: every writer of mxq consumes the same per-layer stream (``mxq.io.streams``) of a
+``WeightSource`` (``mxq.io.sources``: a loaded model or a checkpoint folder read lazily) under a plan.
 
-Layouts are tried in registry order and the first that accepts the plan writes it:
+The default export (a run's ``model/`` folder, ``export_checkpoint``) is the exact gpt-oss HF layout when
+it can hold the plan, else mxq's own. Layouts are tried in registry order and the first that accepts the
+plan writes it:
 
 * ``hf-mxfp4``: every kept expert MXFP4, attention and lm_head bf16 -> the published HF layout with
-  ``num_local_experts`` = experts kept (format spec 9: loads unmodified in transformers and vLLM).
-* ``hf-bf16``: every kept expert bf16 -> transformers' dequantized layout (spec 2.2), no quantization_config.
+  ``num_local_experts`` = experts kept (loads unmodified in transformers and vLLM; docs/export.md).
+* ``hf-bf16``: every kept expert bf16 -> transformers' dequantized layout, no quantization_config.
 * ``mxq``: anything else (other formats, mixed, fp8 attention) -> docs/export.md, loaded by ``mxq.load_model``.
 
-``export_model`` writes a model that ``apply_`` has already changed (through ``mxq.io.save_model`` for the
-HF layouts); ``export_checkpoint`` applies a plan straight from a checkpoint folder to a new folder
+``export_model`` writes a model that ``mxq.plan.apply_`` has already changed (through ``save_model`` for
+the HF layouts); ``export_checkpoint`` applies a plan straight from a checkpoint folder to a new folder
 without loading the model, tensor by tensor, so its memory does not grow with the model.
+
+Plans are data handed in by the caller: this package never imports ``mxq.plan``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from ..io.export_hf import TOKENIZER_FILES, generation_config, save_model
-from ..io.writer import DEFAULT_SHARD_BYTES, MXFP4_QUANT_CONFIG, write_checkpoint
-from .apply import current_plan
-from .export_mxq import write_mxq
-from .plan import Plan, PlanError
-from .sources import ModelSource, open_source
-from .streams import hf_stream, mxq_stream
+from ..errors import ExportError
+from ..sources import ModelSource, open_source
+from ..streams import PROJ, hf_stream, mxq_stream
+from ..writer import DEFAULT_SHARD_BYTES, MXFP4_QUANT_CONFIG, write_checkpoint
+from .hf import TOKENIZER_FILES, generation_config, save_model
+from .mxq import write_mxq
+
+if TYPE_CHECKING:
+    from ...plan.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -48,23 +55,31 @@ def choose_layout(plan: Plan) -> Layout:
     return next(lay for lay in LAYOUTS if lay.accepts(plan))
 
 
-def _check_applied(model, plan: Plan) -> None:
-    cur, want = current_plan(model), plan.applied()
-    if (cur.experts, cur.attention, cur.lm_head) != (want.experts, want.attention, want.lm_head):
-        raise PlanError("export_model: the model does not carry this plan (expert counts or formats differ); "
-                        "call mxq.plan.apply_(model, plan) first, or use export_checkpoint(source, plan, out)")
+def _format(p) -> str:
+    return "bf16" if p is None else p.format
+
+
+def _check_applied(src: ModelSource, plan: Plan) -> None:
+    """The model carries ``plan``: its experts per layer, attention and lm_head formats are the plan's."""
+    want = plan.applied()
+    L = len(src.model.layers)
+    rows = [src.formats(i) for i in range(L)]
+    att = {_format(src.linear(f"model.layers.{i}.self_attn.{p}.weight")) for i in range(L) for p in PROJ}
+    if (rows, att, _format(src.linear("lm_head.weight"))) != (want.experts, {want.attention}, want.lm_head):
+        raise ExportError("export_model: the model does not carry this plan (expert counts or formats differ); "
+                          "call mxq.plan.apply_(model, plan) first, or use export_checkpoint(source, plan, out)")
 
 
 def export_model(model, plan: Plan, out_dir: str | Path, source_dir: str | Path | None = None,
                  overwrite: bool = False, shard_bytes: int | None = None) -> Path:
     """Write ``model`` (already ``apply_``-ed with ``plan``) into ``out_dir``, atomically and streaming."""
-    _check_applied(model, plan)
-    lay = choose_layout(plan)
     tok = source_dir or model.source
+    src = ModelSource(model, tok)
+    _check_applied(src, plan)
+    lay = choose_layout(plan)
     if lay.experts is not None:
         return save_model(model, out_dir, experts=lay.experts, tokenizer_dir=tok, overwrite=overwrite,
                           shard_bytes=shard_bytes)
-    src = ModelSource(model, tok)
     applied = plan.applied()
     return write_mxq(src, applied, mxq_stream(src, applied), out_dir, plan, overwrite, shard_bytes)
 
