@@ -47,6 +47,24 @@ def convert(source: str | Path, to: str, out: str | Path, overwrite: bool = Fals
     return write_target(to, src, source_plan(src), out, overwrite, **options)
 
 
+def write_formats(model_dir: str | Path, formats: list[str], out_dir: str | Path, overwrite: bool = False,
+                  **options) -> list[Written]:
+    """The run pipeline's ``export.formats``: each target written from the exported ``model_dir`` (what the
+    user receives) into ``out_dir/model.gguf`` (file targets) or ``out_dir/model-<target>/``. ``hf`` is the
+    exported folder itself when that is in the HF layout."""
+    src = open_source(model_dir)
+    plan, out = source_plan(src), []
+    for name in formats:
+        if name == "hf" and not getattr(src, "packed_specs", None):      # model/ already is the HF layout
+            out.append(Written(Path(model_dir)))
+            continue
+        t = TARGETS[name]
+        dest = Path(out_dir) / (f"model.{name}" if t.file else f"model-{name}")
+        out.append(write_target(name, src, plan, dest, overwrite,
+                                **{k: v for k, v in options.items() if k in t.options}))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     targets = "\n".join(f"  {t.name:<20} {t.summary}" for t in TARGETS.values())
     ap = argparse.ArgumentParser(prog="python -m mxq.convert", description=__doc__.split("\n\n")[0],

@@ -112,6 +112,14 @@ def _plan(ctx: RunContext) -> None:
     if ctx.cfg.recipe.get("export", {}).get("enabled"):
         export_model(ctx.model, ctx.plan, ctx.run_dir / "model", source_dir=ctx.model.source)
         ctx.timings["plan_export"] = round(time.perf_counter() - t2, 3)
+        if ctx.cfg.recipe.export.get("formats"):       # engine forms, written from the exported folder
+            from .convert import write_formats
+
+            t3 = time.perf_counter()
+            for w in write_formats(ctx.run_dir / "model", list(ctx.cfg.recipe.export.formats), ctx.run_dir,
+                                   gguf_type=ctx.cfg.recipe.export.get("gguf_type")):
+                log.info("exported %s%s", w.path, "".join(f"; {n}" for n in w.notes))
+            ctx.timings["export_formats"] = round(time.perf_counter() - t3, 3)
 
 
 @stage("generate")

@@ -22,7 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "quant": {"format": KEEP, "attention": "bf16", "lm_head": "bf16"},
     "mixed": {"menu": ["fp8", "mxfp4", "nvfp4", "int4_g128", "nf4_dq"], "budget_bits": None, "budget_bytes": None,
               "importance": "reap", "solver": "milp", "scope": "layer"},
-    "export": {"enabled": False},
+    "export": {"enabled": False, "formats": [], "gguf_type": None},
 }
 
 

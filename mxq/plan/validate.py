@@ -96,6 +96,26 @@ def _validate_mixed(r: dict, config, kept: int) -> None:
                   f"{n_experts} experts); raise the budget or add a cheaper format to recipe.mixed.menu")
 
 
+def _validate_export_formats(e: dict) -> None:
+    """``export.formats``: engine forms written from the exported ``model/`` folder (``mxq.io.targets``)."""
+    from ..io.targets import TARGETS
+    from ..io.targets.gguf import GGUF_TYPE_NAMES
+
+    formats = e.get("formats") or []
+    if not isinstance(formats, list):
+        _fail("export.formats", formats, f"must be a list of export targets ({', '.join(TARGETS)})")
+    for f in formats:
+        if f not in TARGETS:
+            _fail("export.formats", f, f"unknown export target; choose from {', '.join(TARGETS)}")
+    if formats and not e.get("enabled"):
+        _fail("export.formats", formats, "are written from the exported model/ folder; set recipe.export.enabled=true")
+    gt = e.get("gguf_type")
+    if gt is not None and gt not in GGUF_TYPE_NAMES:
+        _fail("export.gguf_type", gt, f"choose from {', '.join(GGUF_TYPE_NAMES)} (or null)")
+    if gt is not None and "gguf" not in formats:
+        _fail("export.gguf_type", gt, "is used only with gguf in recipe.export.formats")
+
+
 def validate(recipe: Any, config) -> dict[str, Any]:
     """Check a recipe against a model config before any work; returns the normalised recipe dict.
 
@@ -137,4 +157,5 @@ def validate(recipe: Any, config) -> dict[str, Any]:
                   "choose formats per expert (use planner=mixed, or prune_then_quant with quant.format=mixed)")
     if not isinstance(r["export"].get("enabled"), bool):
         _fail("export.enabled", r["export"].get("enabled"), "must be true or false")
+    _validate_export_formats(r["export"])
     return r

@@ -29,6 +29,7 @@ before anything is written are listed in ``check_llama_cpp`` and docs/export.md.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +62,13 @@ def _gguf():
     return gguf
 
 
+GGUF_TYPE_NAMES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "mxfp4")
+
+
 def gguf_types() -> dict[str, object]:
     """``--gguf-type`` names -> GGMLQuantizationType: the types gguf-py can write from float32."""
     g = _gguf().GGMLQuantizationType
-    return {"f32": g.F32, "f16": g.F16, "bf16": g.BF16, "q8_0": g.Q8_0, "q5_1": g.Q5_1, "q5_0": g.Q5_0,
-            "q4_1": g.Q4_1, "q4_0": g.Q4_0, "mxfp4": g.MXFP4}
+    return {n: getattr(g, n.upper()) for n in GGUF_TYPE_NAMES}
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -433,6 +436,7 @@ def write_gguf(src, plan: Plan, out: str | Path, overwrite: bool = False, gguf_t
     items = tensor_items(src, plan, target, req)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    logging.getLogger("gguf").setLevel(logging.WARNING)      # its per-file INFO lines repeat what we print
     try:
         w = g.GGUFWriter(str(tmp), ARCH)
         _write_metadata(w, src.config, plan, tok, name or out.stem, _file_type(plan, target), req)
