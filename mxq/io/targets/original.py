@@ -1,10 +1,10 @@
 """OpenAI's ``original/`` layout: ``config.json`` in OpenAI's keys and one safetensors set with fused ``qkv`` and
 MXFP4 experts (``block.{i}.mlp.mlp1_weight.blocks`` ...), what OpenAI's reference implementation loads.
 
-OpenAI's loader (github.com/openai/gpt-oss, ``gpt_oss/torch/weights.py``) reads every expert matrix as MXFP4
+OpenAI's loader (github.com/openai/gpt-oss at 0568dfc, ``gpt_oss/torch/weights.py``) reads every expert matrix as MXFP4
 blocks and scales, so MXFP4 experts are copied byte for byte and bf16 experts are quantized to MXFP4 with
 OpenAI's own rule (``mxq.formats.mxfp4``, the Triton reference quantizer); other formats are refused.
-Its model (``gpt_oss/torch/model.py``) fixes what the HF config spells out: sliding window on even layers,
+Its model (``gpt_oss/torch/model.py``: ``AttentionBlock``, ``RMSNorm``, ``swiglu``) fixes what the HF config spells out: sliding window on even layers,
 RMSNorm eps 1e-5, SwiGLU alpha 1.702; a checkpoint that differs would load there and compute something
 else, so it is refused.
 """
@@ -42,7 +42,8 @@ def check_original(cfg, plan: Plan) -> None:
             raise ExportError(f"original: OpenAI's reference model fixes {key}={want!r}; this model has {have!r} and "
                               "would compute differently there")
     if (cfg.rope_scaling or {}).get("rope_type") != "yarn":
-        raise ExportError("original: OpenAI's reference model always applies YaRN RoPE; this model does not")
+        raise ExportError("original: OpenAI's config.json describes YaRN RoPE only (rope_scaling_factor, "
+                          "rope_ntk_alpha/beta); this model has no YaRN rope_scaling")
 
 
 def write_original(src, plan: Plan, out: Path, overwrite: bool = False, shard_bytes: int | None = None) -> Written:
