@@ -186,3 +186,12 @@ def _gguf_target(src, plan: Plan, out: Path, overwrite: bool = False, gguf_type:
 
     path, req = write_gguf(src, plan, out, overwrite, gguf_type)
     return Written(path, [req.summary()] if req is not None else [])
+
+
+@register_target("compressed-tensors", "compressed-tensors (llm-compressor's format): int4 W4A16 groups, FP8 channel, "
+                 "NVFP4, bf16, mixed as several config groups; written and read with the compressed-tensors library",
+                 options=("shard_bytes",))
+def _compressed_tensors(src, plan: Plan, out: Path, overwrite: bool = False, shard_bytes: int | None = None) -> Written:
+    from .compressed_tensors import write_compressed_tensors
+
+    return write_compressed_tensors(src, plan, out, overwrite, shard_bytes)
