@@ -60,7 +60,8 @@ def kept_experts(src, plan: Plan, i: int, kind: str) -> Iterator[Packed]:
 
 
 def hf_stream(src, plan: Plan, experts: str) -> Iterator[tuple[str, Tensor]]:
-    """The exact gpt-oss HF layout (format spec 2.1 / 2.2) with ``experts`` "mxfp4" or "bf16" throughout."""
+    """The exact gpt-oss HF layout (the published MXFP4 checkpoint's names, or transformers' dequantized
+    layout for bf16) with ``experts`` "mxfp4" or "bf16" throughout."""
     if set(plan.formats_used()) != {experts} or plan.attention != "bf16" or plan.lm_head != "bf16":
         raise ExportError(f"the HF layout holds {experts} experts and bf16 attention/lm_head only; this plan has "
                         f"{plan.formats_used()}, attention {plan.attention}, lm_head {plan.lm_head}")
