@@ -245,3 +245,17 @@ def test_llama_cpp_tokenizes_o200k_like_mxq(tmp_path):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text, add_special_tokens=False).input_ids
     prompt = mxq.tokenizer.harmony_prompt("Hi there")
     assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == tok(prompt, add_special_tokens=False).input_ids
+
+
+def test_int4_g32_experts_map_exactly_onto_q4_0(tmp_path):
+    src = open_source(TINY)
+    cfg = src.config
+    plan = Plan.uniform(cfg.num_hidden_layers, cfg.num_local_experts, "int4_g32")
+    int4 = open_source(export_checkpoint(TINY, plan, tmp_path / "int4"))
+    w = write_target("gguf", int4, source_plan(int4), tmp_path / "i.gguf")
+    assert w.notes == []                                                   # nothing re-quantized
+    t = _tensors(w.path)["blk.3.ffn_up_exps.weight"]
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
+    ref = torch.stack([get_format("int4_g32").dequantize(int4.expert(3, "gate_up", e), torch.float32)[1::2]
+                       for e in range(cfg.num_local_experts)]).numpy()
+    assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type).reshape(ref.shape), ref)

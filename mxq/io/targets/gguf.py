@@ -14,6 +14,8 @@ Experts are stored per layer as three tensors ``ffn_{gate,up,down}_exps`` of num
   16 bytes where byte j holds element j in the low nibble and element j+16 in the high one; the HF
   layout keeps elements 2j / 2j+1 in byte j, so nibbles move but no value is re-rounded). The E2M1 codes
   index the same table (ggml doubles its ``kvalues`` and halves the scale: the same value).
+* ``int4_g32`` experts (symmetric, nibble = q + 8) map exactly onto Q4_0 (fp16 d; byte j = elements j and
+  j+16): the codes are kept, the bf16 scales become fp16 (checked to be exact, else refused).
 * bf16 experts are written as BF16.
 * Any other format has no exact GGML type and is refused, unless ``gguf_type`` asks for re-quantization
   (from the exact float32 dequantization, by gguf-py's reference quantizer); the relative Frobenius
@@ -51,6 +53,7 @@ LLAMA_CPP_REVISION = "ggml-org/llama.cpp@0c1e57098"
 LLAMA_MAX_EXPERTS = 1024                 # src/llama-hparams.h
 SWIGLU = (1.702, 7.0)                    # alpha, limit: constants of LLM_FFN_SWIGLU_OAI_MOE, src/llama-graph.cpp
 KINDS = ("gate", "up", "down")
+EXACT = ("mxfp4", "int4_g32", "bf16")     # expert formats with an exact GGML type: MXFP4, Q4_0, BF16
 
 
 def _gguf():
@@ -78,6 +81,21 @@ def mxfp4_to_ggml(blocks: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
     codes = torch.stack((lo, hi), dim=-1).flatten(-2)                          # [..., n/32, 32]
     qs = codes[..., :16] | (codes[..., 16:] << 4)                              # byte j: j | (j + 16) << 4
     out = torch.cat((scales.unsqueeze(-1), qs), dim=-1)                        # [..., n/32, 17]
+    return out.flatten(-2).contiguous().numpy()
+
+
+def int4_to_q4_0(packed: torch.Tensor, scales: torch.Tensor, where: str) -> np.ndarray:
+    """mxq ``int4_g32`` ([..., n/2] u8, element 2j low, nibble = q + 8; bf16 scales [..., n/32]) -> ggml
+    ``block_q4_0`` bytes [..., n/32 * 18] (fp16 d, then byte j = element j | element j+16 << 4; value
+    (nibble - 8) * d). Exact when every scale is an fp16 number, which is checked."""
+    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)            # [..., n]
+    codes = codes.unflatten(-1, (-1, 32))                                              # [..., n/32, 32]
+    qs = codes[..., :16] | (codes[..., 16:] << 4)                                      # [..., n/32, 16]
+    d = scales.float().to(torch.float16)
+    if not torch.equal(d.float(), scales.float()):
+        raise ExportError(f"gguf: {where}: an int4_g32 scale is not an fp16 number, so Q4_0 cannot hold it "
+                          "exactly; pass --gguf-type (e.g. q8_0) to re-quantize")
+    out = torch.cat((d.contiguous().view(torch.uint8).unflatten(-1, (-1, 2)), qs), dim=-1)   # [..., n/32, 18]
     return out.flatten(-2).contiguous().numpy()
 
 
@@ -158,6 +176,13 @@ def _expert_items(src, plan: Plan, i: int, experts: _LayerExperts, target, req: 
                 s = torch.stack([p.tensors["scales"][_rows(part)] for p in ps])        # [K, rows, cols/32]
                 return mxfp4_to_ggml(b, s)
             out.append(Item(name, (K, rows, cols // 32 * 17), np.uint8, g.GGMLQuantizationType.MXFP4, make))
+        elif fmts == ["int4_g32"]:
+            def make(packed=packed, part=part, name=name) -> np.ndarray:
+                ps = packed()
+                q = torch.stack([p.tensors["packed"][_rows(part)] for p in ps])            # [K, rows, cols/2]
+                s = torch.stack([p.tensors["scales"][_rows(part)] for p in ps])            # [K, rows, cols/32]
+                return int4_to_q4_0(q, s, name)
+            out.append(Item(name, (K, rows, cols // 32 * 18), np.uint8, g.GGMLQuantizationType.Q4_0, make))
         elif fmts == ["bf16"]:
             def make(packed=packed, part=part) -> np.ndarray:
                 w = torch.stack([p.tensors["weight"][_rows(part)] for p in packed()])   # [K, rows, cols]
@@ -299,10 +324,10 @@ def check_llama_cpp(src, plan: Plan, target) -> None:
                 f"gguf: layer {i} holds experts in {', '.join(fmts)}; llama.cpp stores a layer's experts as one "
                 "tensor of one type. Options: a plan with one format per layer (every layer may differ), or "
                 "--gguf-type T to re-quantize such layers to T (the added error is reported)")
-        if target is None and fmts[0] not in ("mxfp4", "bf16"):
+        if target is None and fmts[0] not in EXACT:
             raise ExportError(
                 f"gguf: layer {i} experts are {fmts[0]}, which has no exact GGML type (exact: mxfp4 -> MXFP4, "
-                f"bf16 -> BF16). Pass --gguf-type with one of {', '.join(gguf_types())} to re-quantize from "
+                f"int4_g32 -> Q4_0, bf16 -> BF16). Pass --gguf-type with one of {', '.join(gguf_types())} to re-quantize from "
                 "the exact dequantization (the added error is reported), or convert to bf16 first")
     for dim, what in ((cfg.hidden_size, "hidden_size"), (cfg.intermediate_size, "intermediate_size")):
         blk = 32 if target is None else _gguf().GGML_QUANT_SIZES[target][0]
