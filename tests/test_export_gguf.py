@@ -259,3 +259,16 @@ def test_int4_g32_experts_map_exactly_onto_q4_0(tmp_path):
     ref = torch.stack([get_format("int4_g32").dequantize(int4.expert(3, "gate_up", e), torch.float32)[1::2]
                        for e in range(cfg.num_local_experts)]).numpy()
     assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type).reshape(ref.shape), ref)
+
+
+def test_bf16_experts_are_written_as_bf16_unchanged(tmp_path):
+    cfg = open_source(TINY).config
+    bf = open_source(export_checkpoint(TINY, Plan.uniform(cfg.num_hidden_layers, cfg.num_local_experts, "bf16"),
+                                       tmp_path / "bf16"))
+    w = write_target("gguf", bf, source_plan(bf), tmp_path / "b.gguf")
+    r = gguf.GGUFReader(str(w.path))
+    assert _field(r, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_BF16)
+    t = {t.name: t for t in r.tensors}["blk.0.ffn_down_exps.weight"]
+    assert t.tensor_type == gguf.GGMLQuantizationType.BF16
+    ref = torch.stack([bf.expert(0, "down", e).tensors["weight"] for e in range(cfg.num_local_experts)])  # [E, H, I]
+    assert np.array_equal(np.asarray(t.data).view(np.uint16).reshape(ref.shape), ref.view(torch.int16).numpy().view(np.uint16))
