@@ -4,7 +4,7 @@
     python bench/prune_export.py --model DIR --paths stream,model,dequantize
 
 Paths (each runs in a fresh subprocess, so one path's freed-but-cached memory never counts for another):
-* ``stream``: ``mxq.plan.export_checkpoint(src, plan, out)``: checkpoint to checkpoint, one layer at a time,
+* ``stream``: ``mxq.io.targets.export_checkpoint(src, plan, out)``: checkpoint to checkpoint, one layer at a time,
   without loading the model (what pruning a published checkpoint needs).
 * ``model``: ``mxq.load_model`` (experts stay packed, tensors memory-mapped) -> ``apply_`` -> ``export_model``,
   i.e. what ``python -m mxq.run`` does; RSS includes the mapped checkpoint pages the export touches.
@@ -36,7 +36,7 @@ def make_plan(src: Path, fraction: float, seed: int):
     from mxq.plan import Plan
     from mxq.plan.recipe import pruned_count
     from mxq.plan.scores import choose_pruned
-    from mxq.plan.sources import open_source
+    from mxq.io.sources import open_source
 
     s = open_source(src)
     cfg = s.config
@@ -55,7 +55,8 @@ def run_path(path: str, src: Path, work: Path, fraction: float, seed: int) -> di
     import torch
 
     import mxq
-    from mxq.plan import apply_, export_checkpoint, export_model
+    from mxq.io.targets import export_checkpoint, export_model
+    from mxq.plan import apply_
 
     plan, cfg = make_plan(src, fraction, seed)
     out = work / f"out_{path}"

@@ -2,6 +2,7 @@
 
     mxq run recipe=prune_25pct eval=quick      # == python -m mxq.run recipe=prune_25pct eval=quick
     mxq report outputs/multirun/<stamp>        # == python -m mxq.report ...
+    mxq convert SRC --to gguf --out OUT        # == python -m mxq.convert ...
     mxq dequantize SRC OUT                     # == python -m mxq.dequantize ...
     mxq synth OUT --preset gpt_oss_20b         # == python -m mxq.synth ...
 
@@ -24,6 +25,7 @@ class Subcommand:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "run": Subcommand("mxq.run", "run a recipe: statistics, plan, apply, export, evaluate (Hydra overrides)"),
     "report": Subcommand("mxq.report", "ablation report over a sweep folder (table, CSV, plots)"),
+    "convert": Subcommand("mxq.convert", "convert a checkpoint to another layout or engine format (gguf, ...)"),
     "dequantize": Subcommand("mxq.dequantize", "write a bf16 copy of a compressed checkpoint"),
     "synth": Subcommand("mxq.synth", "write a synthetic checkpoint in the exact gpt-oss layout"),
 }

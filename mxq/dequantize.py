@@ -14,8 +14,9 @@ import argparse
 import time
 from pathlib import Path
 
-from .plan import Plan, export_checkpoint
-from .plan.sources import open_source
+from .io.sources import open_source
+from .io.targets import export_checkpoint
+from .plan import Plan
 
 
 def dequantize(src_dir: str | Path, out_dir: str | Path, overwrite: bool = False,

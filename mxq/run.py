@@ -109,7 +109,8 @@ def _stats(ctx: RunContext) -> None:
 
 @stage("plan", when=lambda ctx: ctx.cfg.recipe.get("planner"))
 def _plan(ctx: RunContext) -> None:
-    from .plan import apply_, build_plan, export_model
+    from .io.targets import export_model
+    from .plan import apply_, build_plan
 
     t0 = time.perf_counter()
     ctx.plan = build_plan(ctx.cfg.recipe, ctx.stats, ctx.model)
@@ -121,6 +122,14 @@ def _plan(ctx: RunContext) -> None:
     if ctx.cfg.recipe.get("export", {}).get("enabled"):
         export_model(ctx.model, ctx.plan, ctx.run_dir / "model", source_dir=ctx.model.source)
         ctx.timings["plan_export"] = round(time.perf_counter() - t2, 3)
+        if ctx.cfg.recipe.export.get("formats"):       # engine forms, written from the exported folder
+            from .convert import write_formats
+
+            t3 = time.perf_counter()
+            for w in write_formats(ctx.run_dir / "model", list(ctx.cfg.recipe.export.formats), ctx.run_dir,
+                                   gguf_type=ctx.cfg.recipe.export.get("gguf_type")):
+                log.info("exported %s%s", w.path, "".join(f"; {n}" for n in w.notes))
+            ctx.timings["export_formats"] = round(time.perf_counter() - t3, 3)
 
 
 @stage("reload", when=_exports)

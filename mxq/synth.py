@@ -18,7 +18,7 @@ import torch
 
 from .config import GptOssConfig
 from .formats.mxfp4 import quantize_mxfp4
-from .io.export_hf import original_tensor_stream
+from .io.targets.hf import original_tensor_stream
 from .io.writer import MXFP4_QUANT_CONFIG, write_checkpoint, write_shards
 from .presets import preset_config
 
@@ -88,7 +88,7 @@ def synth(out: str | Path, preset: str = "tiny", experts: str = "mxfp4", seed: i
     if experts == "mxfp4":
         hf["quantization_config"] = dict(MXFP4_QUANT_CONFIG)
     dev = torch.device(device)
-    from .io.export_hf import generation_config
+    from .io.targets.hf import generation_config
 
     subdirs = {}
     if with_original:

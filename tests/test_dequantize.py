@@ -11,7 +11,8 @@ import torch
 
 import mxq
 from mxq.dequantize import dequantize, main
-from mxq.plan import Plan, apply_, export_model
+from mxq.io.targets import export_model
+from mxq.plan import Plan, apply_
 
 TOL = 1e-4
 E = 12                       # experts per layer of the test checkpoint
@@ -98,7 +99,7 @@ def test_dequantize_refuses_to_overwrite_and_leaves_nothing_on_failure(make_ckpt
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError):
         dequantize(src, tmp_path / "exists")
-    import mxq.plan.streams as streams
+    import mxq.io.streams as streams
 
     def broken(*a, **k):
         raise RuntimeError("interrupted")

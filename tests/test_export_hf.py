@@ -13,7 +13,8 @@ import torch
 from safetensors import safe_open
 
 import mxq
-from mxq.plan import apply_, build_plan, export_checkpoint, export_model
+from mxq.io.targets import export_checkpoint, export_model
+from mxq.plan import apply_, build_plan
 
 TOL = 1e-4
 E = 12                       # experts per layer of the test checkpoint (top-4, 25% pruned -> 9 kept)

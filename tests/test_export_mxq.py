@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import mxq
-import mxq.io.export_hf as export_hf
-import mxq.plan.streams as streams
+import mxq.io.streams as streams
+import mxq.io.targets.hf as export_hf
 from mxq.io import CheckpointError
 from mxq.io.mxq_layout import verify
-from mxq.plan import Plan, apply_, export_checkpoint, export_model
+from mxq.io.targets import export_checkpoint, export_model
+from mxq.plan import Plan, apply_
 
 FORMATS = ["nvfp4", "nf4", "nf4_dq", "int4_g32", "int4_g32_asym", "fp8", "fp8_block", "bf16", "mxfp4"]
 E = 12                       # experts per layer of the test checkpoint; 2 pruned per layer -> 10 kept
@@ -127,7 +128,7 @@ def test_missing_expert_is_reported(make_ckpt, tmp_path):
     def dropping(s, p):
         return ((n, t) for n, t in orig(s, p) if n != "model.layers.1.mlp.experts.5.down")
 
-    import mxq.plan.export as export
+    import mxq.io.targets as export
     export.mxq_stream, saved = dropping, export.mxq_stream
     try:
         out = export_checkpoint(src, plan, tmp_path / "m")

@@ -12,7 +12,7 @@ import torch
 import mxq
 from mxq.formats import get_format
 from mxq.plan import PlanError, build_plan
-from mxq.plan.convert import relative_errors
+from mxq.formats.convert import relative_errors
 
 
 @dataclass

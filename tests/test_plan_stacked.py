@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import mxq
-from mxq.plan import Plan, apply_, build_plan, export_model
+from mxq.io.targets import export_model
+from mxq.plan import Plan, apply_, build_plan
 from mxq.plan import apply as apply_mod
 
 E = 12

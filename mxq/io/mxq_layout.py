@@ -29,6 +29,7 @@ from safetensors import safe_open
 from ..config import ConfigError, GptOssConfig
 from ..formats import FormatError, Packed, get_format
 from .layout import check_tensors, hf_tensors
+from .params import set_param
 from .safetensors_io import DTYPE_SIZES, CheckpointError, read_header, read_json, scan_folder
 
 MANIFEST = "mxq_manifest.json"
@@ -199,7 +200,6 @@ def load_mxq(folder: str | Path, device: str | torch.device = "cpu", dtype: torc
     """
     from ..model import GptOssForCausalLM
     from ..model.rope import Rope
-    from .reader import _set_param
 
     src = MxqSource(folder)
     cfg, device = src.config, torch.device(device)
@@ -207,18 +207,18 @@ def load_mxq(folder: str | Path, device: str | torch.device = "cpu", dtype: torc
         model = GptOssForCausalLM(cfg)
     for hf, attr in (("model.embed_tokens.weight", "embed_tokens.weight"), ("lm_head.weight", "lm_head.weight"),
                      ("model.norm.weight", "norm.weight")):
-        _set_param(model, attr, _dense(src, model, hf, attr, device, torch.float32 if "norm" in hf else dtype))
+        set_param(model, attr, _dense(src, model, hf, attr, device, torch.float32 if "norm" in hf else dtype))
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         for rest in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-            _set_param(layer, rest, src.raw(p + rest).to(device, torch.float32))
+            set_param(layer, rest, src.raw(p + rest).to(device, torch.float32))
         names = [f"self_attn.{x}.{k}" for x in ("q_proj", "k_proj", "v_proj", "o_proj") for k in ("weight", "bias")]
         names += ["self_attn.sinks", "mlp.router.weight", "mlp.router.bias"]
         for rest in names:
-            _set_param(layer, rest, _dense(src, layer, p + rest, rest, device, dtype))
+            set_param(layer, rest, _dense(src, layer, p + rest, rest, device, dtype))
         ex = layer.mlp.experts
-        _set_param(ex, "gate_up_bias", src.raw(p + "mlp.experts.gate_up_proj_bias").to(device, dtype))
-        _set_param(ex, "down_bias", src.raw(p + "mlp.experts.down_proj_bias").to(device, dtype))
+        set_param(ex, "gate_up_bias", src.raw(p + "mlp.experts.gate_up_proj_bias").to(device, dtype))
+        set_param(ex, "down_bias", src.raw(p + "mlp.experts.down_proj_bias").to(device, dtype))
         for kind in KINDS:
             for e in range(cfg.num_local_experts):
                 ex.set_expert(kind, e, src.expert(i, kind, e).to(device))

@@ -18,6 +18,7 @@ from ..config import ConfigError, GptOssConfig
 from ..model import GptOssForCausalLM
 from ..model.rope import Rope
 from .layout import ORIGINAL_GLOBAL, ORIGINAL_TO_HF, check_tensors, hf_tensors, original_tensors
+from .params import set_param
 from .safetensors_io import CheckpointError, TensorInfo, read_json, scan_folder
 
 NORM_SUFFIXES = ("layernorm.weight", "model.norm.weight")
@@ -118,12 +119,6 @@ class _Source:
         return self.raw(f"block.{i}.{orig}")
 
 
-def _set_param(module: torch.nn.Module, name: str, t: torch.Tensor) -> None:
-    mod_path, _, attr = name.rpartition(".")
-    mod = module.get_submodule(mod_path) if mod_path else module
-    mod._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
-
-
 def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                layout: str = "auto") -> GptOssForCausalLM:
     """Load a gpt-oss checkpoint into mxq's model, experts packed as stored (see module docstring)."""
@@ -144,21 +139,21 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: to
     with ExitStack() as stack:
         src = _Source(ckpt, stack)
         for name in ("model.embed_tokens.weight", "lm_head.weight"):
-            _set_param(model, name.removeprefix("model."), put(src.get(name), dtype))
-        _set_param(model, "norm.weight", put(src.get("model.norm.weight"), torch.float32))
+            set_param(model, name.removeprefix("model."), put(src.get(name), dtype))
+        set_param(model, "norm.weight", put(src.get("model.norm.weight"), torch.float32))
         for i, layer in enumerate(model.layers):
             p = f"model.layers.{i}."
             for n in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-                _set_param(layer, n, put(src.get(p + n), torch.float32))
+                set_param(layer, n, put(src.get(p + n), torch.float32))
             for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 for kind in ("weight", "bias"):
-                    _set_param(layer, f"self_attn.{proj}.{kind}", put(src.get(f"{p}self_attn.{proj}.{kind}"), dtype))
-            _set_param(layer, "self_attn.sinks", put(src.get(p + "self_attn.sinks"), dtype))
-            _set_param(layer, "mlp.router.weight", put(src.get(p + "mlp.router.weight"), dtype))
-            _set_param(layer, "mlp.router.bias", put(src.get(p + "mlp.router.bias"), dtype))
+                    set_param(layer, f"self_attn.{proj}.{kind}", put(src.get(f"{p}self_attn.{proj}.{kind}"), dtype))
+            set_param(layer, "self_attn.sinks", put(src.get(p + "self_attn.sinks"), dtype))
+            set_param(layer, "mlp.router.weight", put(src.get(p + "mlp.router.weight"), dtype))
+            set_param(layer, "mlp.router.bias", put(src.get(p + "mlp.router.bias"), dtype))
             ex = layer.mlp.experts
-            _set_param(ex, "gate_up_bias", put(src.get(p + "mlp.experts.gate_up_proj_bias"), dtype))
-            _set_param(ex, "down_bias", put(src.get(p + "mlp.experts.down_proj_bias"), dtype))
+            set_param(ex, "gate_up_bias", put(src.get(p + "mlp.experts.gate_up_proj_bias"), dtype))
+            set_param(ex, "down_bias", put(src.get(p + "mlp.experts.down_proj_bias"), dtype))
             for kind, hf in (("gate_up", "gate_up_proj"), ("down", "down_proj")):
                 if ckpt.experts == "mxfp4":
                     ex.set_stacked(kind, "mxfp4", {

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
-from safetensors.torch import save_file
+
+from ..atomic import AtomicFolder, write_safetensors_atomic
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 MXFP4_QUANT_CONFIG = {
@@ -24,45 +24,13 @@ MXFP4_QUANT_CONFIG = {
 }
 
 
-class AtomicFolder:
-    """``with AtomicFolder(out) as tmp:`` write into ``tmp``; renamed to ``out`` only on success."""
-
-    def __init__(self, out_dir: str | Path, overwrite: bool = False):
-        self.out = Path(out_dir)
-        self.overwrite = overwrite
-        self.tmp = self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> Path:
-        if self.out.exists() and not self.overwrite:
-            raise FileExistsError(f"{self.out}: already exists (pass overwrite=True to replace it)")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 Unit = tuple[dict[str, torch.Tensor], dict[str, str]]
 SaveFn = Callable[[Path, dict[str, torch.Tensor], dict[str, str]], None]
 
 
-def _save_with_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    save_file(tensors, str(path), metadata=metadata)
-
-
 def write_unit_shards(folder: Path, units: Iterable[Unit], shard_bytes: int = DEFAULT_SHARD_BYTES,
                       prefix: str = "model", base_metadata: dict[str, str] | None = None,
-                      save: SaveFn = _save_with_safetensors) -> dict[str, str]:
+                      save: SaveFn = write_safetensors_atomic) -> dict[str, str]:
     """Write sharded safetensors + ``{prefix}.safetensors.index.json``; returns the weight map.
 
     ``units`` are (tensors, metadata) groups that stay in one shard (a packed expert's named tensors); a shard's

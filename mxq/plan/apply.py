@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..formats import Packed, get_format
+from ..formats.convert import convert
 from ..model.experts import PackedExperts
-from .convert import convert
 from .plan import PRUNE, Plan, PlanError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")

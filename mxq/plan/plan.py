@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_atomic
 from ..formats import FormatError, get_format, list_formats
 
 PLAN_VERSION = 1
@@ -217,10 +218,7 @@ class Plan:
     def save(self, path: str | Path) -> Path:
         """Write atomically (temporary file, rename), so a crash never leaves half a plan.json."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        write_atomic(path, self.to_json())
         return path
 
     @classmethod

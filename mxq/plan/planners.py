@@ -1,7 +1,7 @@
 """Planners: recipe + router statistics + model -> ``Plan`` (deciding only; nothing is modified).
 
 Registered with ``@register_planner(name, uses=...)``; ``uses`` names the recipe sections a planner reads
-so that ``validate`` checks exactly those (and rejects options a planner would silently ignore).
+so that ``mxq.plan.validate`` checks exactly those (and rejects options a planner would silently ignore).
 
 * ``uniform``: every expert in ``quant.format`` ("keep" = each expert's current format).
 * ``prune``: drop ``floor(fraction * E)`` experts in every layer by ``prune.criterion`` (methods.md), the
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from ..formats import get_format
+from ..formats.convert import relative_errors
 from .allocate import SOLVERS
-from .apply import current_plan, source_formats
-from .convert import relative_errors
+from .apply import source_formats
 from .plan import PRUNE, Plan, PlanError, expert_shapes
-from .recipe import KEEP, MIXED, pruned_count, validate
+from .recipe import KEEP, MIXED, pruned_count
 from .scores import choose_pruned, importance_table
 
 
@@ -147,17 +147,4 @@ def plan_prune_then_quant(recipe: dict, stats, model) -> Plan:
     pruned = [[e for e, f in enumerate(r) if f == PRUNE] for r in base.experts]
     plan = _new_plan(recipe, _uniform_rows(model, fmt, pruned))
     plan.notes, plan.info = base.notes, base.info
-    return plan
-
-
-def build_plan(recipe, stats, model) -> Plan:
-    """Validate the recipe, run its planner, check the plan against the model; records exact bytes."""
-    r = validate(recipe, model.config)
-    if not r.get("planner"):
-        raise PlanError("recipe.planner is null: this recipe compresses nothing, there is no plan to build")
-    plan = PLANNERS[r["planner"]].fn(r, stats, model)
-    plan.planner = r["planner"]
-    plan.check(model.config)
-    plan.info["bytes"] = plan.bytes(model.config)
-    plan.info["source_bytes"] = current_plan(model).bytes(model.config)
     return plan

@@ -7,9 +7,6 @@ MoE layers, and the logits of a gpt-oss batch are large (32k tokens x 201,088 vo
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import AtomicFolder
 from ..calib import CalibSet, build_calibration
 from ..model import observe
 from ..model.attention import inference_attention_impl
@@ -62,15 +60,8 @@ def collect(model: torch.nn.Module, calib: CalibSet, batch_size: int = 8, super_
 
 
 def _save_atomic(stats: RouterStats, folder: Path) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
-    try:
+    with AtomicFolder(folder, overwrite=True) as tmp:
         stats.save(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def collect_or_load(model: torch.nn.Module, tokenizer: Any, calib_cfg: Any, run_dir: Path, cache_dir: Path,

@@ -4,8 +4,8 @@ One interface (``config``, ``tokenizer_dir``, ``dense(hf_name)``, ``linear(hf_na
 ``expert(layer, kind, e)``, ``formats(layer)``) lets the same tensor streams write an export from a model
 in memory (after ``apply_``) or straight from a checkpoint on disk (``export_checkpoint``,
 ``mxq.dequantize``), tensor by tensor. A checkpoint source opens each file only for the tensors it is
-reading, so host memory holds what is being converted, not the whole checkpoint's mapped pages
-(methods.md, pain point 4).
+reading, so host memory holds what is being converted, not the whole checkpoint's mapped pages (loading a
+whole MXFP4 checkpoint to dequantize it is where other tools run out of memory).
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 
 from ..formats import Packed
-from ..io.mxq_layout import MANIFEST, MxqSource
-from ..io.reader import _Source, open_checkpoint, resolve_source
-from ..io.safetensors_io import CheckpointError
+from .mxq_layout import MANIFEST, MxqSource
+from .reader import _Source, open_checkpoint, resolve_source
+from .safetensors_io import CheckpointError
 
 MXFP4_META = {"axis": 1, "block": 32}
 

@@ -7,14 +7,18 @@ memory at a time.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import Tensor
 
 from ..formats import Packed
-from .convert import convert, quantize_dense
-from .plan import Plan, PlanError
+from ..formats.convert import convert, quantize_dense
+from .errors import ExportError
+from .mxq_layout import expert_base
+
+if TYPE_CHECKING:                       # plans are data handed down by the caller; io never imports plan
+    from ..plan.plan import Plan
 
 HF_KIND = {"gate_up": "gate_up_proj", "down": "down_proj"}
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -56,9 +60,10 @@ def kept_experts(src, plan: Plan, i: int, kind: str) -> Iterator[Packed]:
 
 
 def hf_stream(src, plan: Plan, experts: str) -> Iterator[tuple[str, Tensor]]:
-    """The exact gpt-oss HF layout (format spec 2.1 / 2.2) with ``experts`` "mxfp4" or "bf16" throughout."""
+    """The exact gpt-oss HF layout (the published MXFP4 checkpoint's names, or transformers' dequantized
+    layout for bf16) with ``experts`` "mxfp4" or "bf16" throughout."""
     if set(plan.formats_used()) != {experts} or plan.attention != "bf16" or plan.lm_head != "bf16":
-        raise PlanError(f"the HF layout holds {experts} experts and bf16 attention/lm_head only; this plan has "
+        raise ExportError(f"the HF layout holds {experts} experts and bf16 attention/lm_head only; this plan has "
                         f"{plan.formats_used()}, attention {plan.attention}, lm_head {plan.lm_head}")
     yield "model.embed_tokens.weight", bf16(src.dense("model.embed_tokens.weight"))
     for i in range(plan.num_layers):
@@ -79,8 +84,6 @@ def hf_stream(src, plan: Plan, experts: str) -> Iterator[tuple[str, Tensor]]:
 
 def mxq_stream(src, plan: Plan) -> Iterator[tuple[str, Tensor | Packed]]:
     """mxq's layout (docs/export.md): dense tensors in HF names, each kept expert's Packed on its own."""
-    from ..io.mxq_layout import expert_base
-
     yield "model.embed_tokens.weight", bf16(src.dense("model.embed_tokens.weight"))
     for i in range(plan.num_layers):
         yield from dense_layer(src, plan, i)

@@ -5,7 +5,8 @@ Shards are flushed as soon as they reach ``shard_bytes`` (a packed weight is nev
 shards, so each shard's ``__metadata__`` describes exactly the packed weights it holds). Everything is
 written inside ``AtomicFolder``: an interrupted export leaves no folder that looks like a checkpoint.
 
-Shards are written by ``save_safetensors`` (format spec 2.3) rather than ``safetensors.torch.save_file``
+Shards are written by ``save_safetensors`` (the safetensors file format: 8-byte header length, JSON
+header, 8-byte aligned data) rather than ``safetensors.torch.save_file``
 for two reasons: the library stores ``__metadata__`` in a hash map whose order changes from run to run,
 so identical exports would get different SHA-256s; and it copies every tensor into a bytes object
 first, doubling the memory of a shard.
@@ -16,18 +17,28 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
-from .. import __version__
-from ..formats import Packed
-from ..io.export_hf import TOKENIZER_FILES, generation_config
-from ..io.mxq_layout import LAYOUT_NAME, LAYOUT_VERSION, MANIFEST, hf_guard_config, meta_value, sha256
-from ..io.writer import DEFAULT_SHARD_BYTES, AtomicFolder, write_unit_shards
-from .plan import Plan, _jsonable
+from ...formats import Packed
+from ..mxq_layout import LAYOUT_NAME, LAYOUT_VERSION, MANIFEST, hf_guard_config, meta_value, sha256
+from ..writer import DEFAULT_SHARD_BYTES, AtomicFolder, write_unit_shards
+from .hf import TOKENIZER_FILES, generation_config
+
+if TYPE_CHECKING:
+    from ...plan.plan import Plan
 
 Item = tuple[str, "torch.Tensor | Packed"]
+
+
+def _version() -> str:
+    """mxq's version from the installed package's metadata (a source tree without an install says so)."""
+    try:
+        return version("mxq")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 ST_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
@@ -82,8 +93,8 @@ def write_mxq(src, plan: Plan, items: Iterable[Item], out_dir: str | Path, manif
                 shutil.copyfile(tok / f, tmp / f)
         files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256(tmp / f)}
                  for f in sorted(set(weight_map.values()))}
-        manifest = {"format": LAYOUT_NAME, "format_version": LAYOUT_VERSION, "created_by": f"mxq {__version__}",
+        manifest = {"format": LAYOUT_NAME, "format_version": LAYOUT_VERSION, "created_by": f"mxq {_version()}",
                     "config": cfg_d, "num_tensors": len(weight_map), "files": files,
-                    "plan": (manifest_plan or plan).to_dict()}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_jsonable) + "\n")
+                    "plan": json.loads((manifest_plan or plan).to_json())}      # numpy values in info -> JSON values
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return Path(out_dir)

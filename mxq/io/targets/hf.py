@@ -1,15 +1,16 @@
 """Streaming a loaded mxq model back out as an exact gpt-oss checkpoint (HF layout or original/)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from ..formats import get_format
-from ..formats.mxfp4 import quantize_mxfp4
-from .layout import ORIGINAL_GLOBAL, ORIGINAL_TO_HF
-from .writer import MXFP4_QUANT_CONFIG, write_checkpoint
+from ...formats import get_format
+from ...formats.mxfp4 import quantize_mxfp4
+from ..layout import ORIGINAL_GLOBAL, ORIGINAL_TO_HF
+from ..writer import MXFP4_QUANT_CONFIG, write_checkpoint, write_shards
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -74,7 +75,8 @@ def hf_tensor_stream(model, experts: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def original_tensor_stream(hf_stream: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """An HF stream with MXFP4 experts renamed to OpenAI's original layout (spec 5): q/k/v fused into qkv."""
+    """An HF stream with MXFP4 experts renamed to OpenAI's original layout (``original/`` of the published
+    repositories): q/k/v fused into qkv."""
     inv_global = {v: k for k, v in ORIGINAL_GLOBAL.items()}
     inv = {v: k for k, v in ORIGINAL_TO_HF.items()}
     pending: dict[str, torch.Tensor] = {}
@@ -122,10 +124,6 @@ def save_model(model, out_dir: str | Path, experts: str = "mxfp4", tokenizer_dir
                 extra[f] = tok_src / f
     subdirs = {}
     if with_original:
-        import json
-
-        from .writer import write_shards
-
         def write_original(folder: Path) -> None:
             write_shards(folder, original_tensor_stream(hf_tensor_stream(model, "mxfp4")), shard_bytes or 4 * 1024**3)
             (folder / "config.json").write_text(json.dumps(cfg.to_original_dict(), indent=2) + "\n")

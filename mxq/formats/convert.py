@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..formats import Packed, get_format
+from .base import Packed
+from .registry import get_format
 
 
 def convert(p: Packed, target: str) -> Packed:
