@@ -74,7 +74,7 @@ def hf_tensor_stream(model, experts: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def original_tensor_stream(hf_stream: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """An HF stream with MXFP4 experts renamed to OpenAI's original layout (spec 5): q/k/v fused into qkv."""
+    """An HF stream with MXFP4 experts renamed to OpenAI's original layout (gpt_oss/torch/weights.py): q/k/v -> qkv."""
     inv_global = {v: k for k, v in ORIGINAL_GLOBAL.items()}
     inv = {v: k for k, v in ORIGINAL_TO_HF.items()}
     pending: dict[str, torch.Tensor] = {}

@@ -1,4 +1,4 @@
-"""Compression plans (issue 5): decide (planners) -> ``plan.json`` -> apply -> export.
+"""Compression plans: decide (planners) -> ``plan.json`` -> apply -> export.
 
     r = mxq.plan.validate(cfg.recipe, model.config)        # before any work; PlanError names the option
     plan = mxq.plan.build_plan(cfg.recipe, stats, model)    # stats: mxq.stats.RouterStats or None

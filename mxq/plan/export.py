@@ -3,8 +3,9 @@
 Layouts are tried in registry order and the first that accepts the plan writes it:
 
 * ``hf-mxfp4``: every kept expert MXFP4, attention and lm_head bf16 -> the published HF layout with
-  ``num_local_experts`` = experts kept (format spec 9: loads unmodified in transformers and vLLM).
-* ``hf-bf16``: every kept expert bf16 -> transformers' dequantized layout (spec 2.2), no quantization_config.
+  ``num_local_experts`` = experts kept (transformers and vLLM size the router and
+  experts from ``num_local_experts``: vllm ``model_executor/models/gpt_oss.py``, so it loads unmodified).
+* ``hf-bf16``: every kept expert bf16 -> transformers' dequantized layout, no quantization_config.
 * ``mxq``: anything else (other formats, mixed, fp8 attention) -> docs/export.md, loaded by ``mxq.load_model``.
 
 ``export_model`` writes a model that ``apply_`` has already changed (through ``mxq.io.save_model`` for the

@@ -5,7 +5,7 @@ Shards are flushed as soon as they reach ``shard_bytes`` (a packed weight is nev
 shards, so each shard's ``__metadata__`` describes exactly the packed weights it holds). Everything is
 written inside ``AtomicFolder``: an interrupted export leaves no folder that looks like a checkpoint.
 
-Shards are written by ``save_safetensors`` (format spec 2.3) rather than ``safetensors.torch.save_file``
+Shards are written by ``save_safetensors`` (safetensors README, "Format") rather than ``safetensors.torch.save_file``
 for two reasons: the library stores ``__metadata__`` in a hash map whose order changes from run to run,
 so identical exports would get different SHA-256s; and it copies every tensor into a bytes object
 first, doubling the memory of a shard.

@@ -5,7 +5,8 @@ One interface (``config``, ``tokenizer_dir``, ``dense(hf_name)``, ``linear(hf_na
 in memory (after ``apply_``) or straight from a checkpoint on disk (``export_checkpoint``,
 ``mxq.dequantize``), tensor by tensor. A checkpoint source opens each file only for the tensors it is
 reading, so host memory holds what is being converted, not the whole checkpoint's mapped pages
-(methods.md, pain point 4).
+(dequantizing a whole gpt-oss to bf16 in memory is where other tools run out of memory:
+huggingface/transformers#43696).
 """
 from __future__ import annotations
 

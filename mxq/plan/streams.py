@@ -56,7 +56,7 @@ def kept_experts(src, plan: Plan, i: int, kind: str) -> Iterator[Packed]:
 
 
 def hf_stream(src, plan: Plan, experts: str) -> Iterator[tuple[str, Tensor]]:
-    """The exact gpt-oss HF layout (format spec 2.1 / 2.2) with ``experts`` "mxfp4" or "bf16" throughout."""
+    """The exact gpt-oss HF layout (published, or dequantized) with ``experts`` "mxfp4" or "bf16" throughout."""
     if set(plan.formats_used()) != {experts} or plan.attention != "bf16" or plan.lm_head != "bf16":
         raise PlanError(f"the HF layout holds {experts} experts and bf16 attention/lm_head only; this plan has "
                         f"{plan.formats_used()}, attention {plan.attention}, lm_head {plan.lm_head}")
