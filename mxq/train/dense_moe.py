@@ -8,10 +8,11 @@ batched matmuls and multiply by a [N, E] weight matrix that is zero outside each
 (94.6 ms a step for one run alone on the same H100).
 
 Same math as the reference MoE (openai/gpt-oss ``gpt_oss/torch/model.py::MLPBlock``): top-k on the router
-logits, softmax over the k, clamped SwiGLU, down bias added before weighting. Experts outside the top-k get weight exactly 0, so their
-outputs and gradients vanish just as if they had not been run. ``tests/test_train_smoke.py`` checks the
-outputs against ``MoE.forward``. It is installed only on models whose experts are ``DenseExperts`` and
-only by the training code; checkpoints and every other user of the model see the reference MoE.
+logits, softmax over the k, clamped SwiGLU, down bias added before weighting. Experts outside the top-k get
+weight exactly 0, so their outputs and gradients vanish just as if they had not been run.
+``tests/test_train_smoke.py`` checks the outputs against ``MoE.forward``. It is installed only on models whose
+experts are ``DenseExperts`` and only by the training code; checkpoints and every other user of the model see
+the reference MoE.
 """
 from __future__ import annotations
 
