@@ -4,7 +4,7 @@ KL(P_base || Q_compressed) per scored token, then the mean and the 99th percenti
 tracks average damage, the p99 the rare tokens a compressed MoE gets badly wrong (a mis-routed token, a
 broken expert) that a mean hides. Top-1 agreement = share of tokens whose argmax is unchanged.
 
-Where the reference distribution comes from (the choice issue 6 asks to make and document):
+Where the reference distribution comes from (a choice every KL number depends on, so it is stated here):
 * KL needs the *full* reference distribution: top-k log-probs + logsumexp leave the tail mass unknown,
   so KL from them is not exact. mxq therefore stores the full reference log-probs, rounded to fp16
   (``cache_dtype``), of exactly the scored tokens, when they fit in ``max_cache_bytes``
@@ -59,7 +59,7 @@ def model_hash(folder: str | Path, cache_dir: Path | None = None) -> str:
     ``<cache_dir>/file_hashes.json`` by (path, size, mtime) so a 13 GB checkpoint is read once.
     """
     try:
-        from ..stats.cache import model_hash as stats_hash   # issue 4's hash, shared cache keys
+        from ..stats.cache import model_hash as stats_hash   # the statistics cache's hash, shared cache keys
     except ImportError:
         stats_hash = None
     if stats_hash is not None:

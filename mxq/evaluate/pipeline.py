@@ -2,7 +2,8 @@
 
 Order matters: memory (exact bytes, then the peak probe) and speed run first, on a model no other
 evaluation has touched, and before a baseline copy is loaded for KL (which would inflate the peak);
-accuracy runs last. Every section says which precision and code path ran (methods.md pain 5).
+accuracy runs last. Every section says which precision and code path ran (transformers would
+silently run bf16 where its MXFP4 kernels are missing; mxq states what ran).
 """
 from __future__ import annotations
 
