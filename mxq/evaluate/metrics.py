@@ -128,7 +128,8 @@ def precision(model) -> dict[str, Any]:
 
 
 def param_counts(model) -> dict[str, int]:
-    """Total / active parameters of the model as it is (spec section 7 formula, per-layer expert count).
+    """Total / active parameters of the model as it is (``GptOssConfig.param_counts`` formula,
+    per-layer expert count).
 
     ``GptOssConfig.param_counts`` assumes every layer keeps all E experts; after pruning each layer l has
     E_l experts, so the per-layer count is re-derived from the config with E_l experts.

@@ -124,7 +124,7 @@ def _environment() -> dict[str, Any]:
 def write_run_outputs(run_dir: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
     """Merge ``metrics`` into ``run_dir/metrics.json`` and write metrics.csv, report.md (+ PNGs).
 
-    The lead's run.py fills ``model``, ``recipe``, ``plan``, ``env``; keys it does not give are kept from an
+    ``mxq.run`` fills ``model``, ``recipe``, ``plan``, ``env``; keys it does not give are kept from an
     existing metrics.json or set to None (``env`` is measured here if absent). Prints a summary table.
     """
     from .report import print_summary, write_csv, write_report
