@@ -32,56 +32,17 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from ..atomic import write_atomic
 from ..model.attention import SinkAttention, inference_attention_impl
+from ..stats.cache import model_hash as stats_model_hash
 from .perplexity import Item, window_logprobs
 
 CACHE_VERSION = 1
 
 
-def _file_hash(path: Path) -> str:
-    try:
-        import xxhash
-
-        h = xxhash.xxh3_128()
-    except ImportError:   # pragma: no cover - xxhash is a dependency of datasets
-        h = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def model_hash(folder: str | Path, cache_dir: Path | None = None) -> str:
-    """Content hash of a checkpoint folder (``mxq.stats.cache.model_hash`` when that module exists).
-
-    Own fallback: xxh3-128 of every file's relative path, size and bytes; per-file digests are memoised in
-    ``<cache_dir>/file_hashes.json`` by (path, size, mtime) so a 13 GB checkpoint is read once.
-    """
-    try:
-        from ..stats.cache import model_hash as stats_hash   # the statistics cache's hash, shared cache keys
-    except ImportError:
-        stats_hash = None
-    if stats_hash is not None:
-        return str(stats_hash(folder, (cache_dir / "model_hashes.json") if cache_dir else None))
-    folder = Path(folder).resolve()
-    memo_path = cache_dir / "file_hashes.json" if cache_dir else None
-    memo: dict[str, str] = {}
-    if memo_path and memo_path.is_file():
-        try:
-            memo = json.loads(memo_path.read_text())
-        except (OSError, ValueError):
-            memo = {}
-    h = hashlib.blake2b(digest_size=16)
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        st = f.stat()
-        key = f"{f}:{st.st_size}:{st.st_mtime_ns}"
-        if key not in memo:
-            memo[key] = _file_hash(f)
-        h.update(f"{f.relative_to(folder)}:{st.st_size}:{memo[key]}\n".encode())
-    if memo_path:
-        write_atomic(memo_path, json.dumps(memo))
-    return h.hexdigest()
+    """Content hash of a checkpoint folder: the router-statistics cache's hash (``mxq.stats.cache.model_hash``),
+    so both caches key a checkpoint the same way; memoised in ``<cache_dir>/model_hashes.json``."""
+    return str(stats_model_hash(folder, (cache_dir / "model_hashes.json") if cache_dir else None))
 
 
 def tokens_hash(tokens: dict[str, Tensor], settings: dict[str, Any]) -> str:
