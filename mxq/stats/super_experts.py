@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 log = logging.getLogger("mxq.stats")
@@ -41,13 +42,8 @@ class SuperExpertConfig:
             return cfg
         if cfg is None or cfg is True:
             return cls()
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(cfg, DictConfig):
-                cfg = OmegaConf.to_container(cfg, resolve=True)
-        except ImportError:  # pragma: no cover
-            pass
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
         if not isinstance(cfg, Mapping):
             log.info("super_experts=%r is not a mapping of detection settings; using the defaults", cfg)
             return cls()
