@@ -79,10 +79,6 @@ class GptOssConfig:
              f"rope_scaling.rope_type {rs.get('rope_type')!r} is not supported (GPT-OSS uses yarn)")
 
     # ------------------------------------------------------------------ derived
-    @property
-    def kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention"
 

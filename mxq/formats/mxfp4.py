@@ -38,14 +38,6 @@ _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _LUT_CACHE: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
 
 
-def fp4_lut(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The 16 E2M1 values, cached per device/dtype."""
-    key = ("lut", torch.device(device), dtype)
-    if key not in _LUT_CACHE:
-        _LUT_CACHE[key] = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
-    return _LUT_CACHE[key]
-
-
 def fp4_byte_lut(device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
     """[256, 2]: byte -> (value of the low nibble, value of the high nibble); one gather per byte. The E2M1
     values are exact in fp32 and bf16."""

@@ -114,19 +114,6 @@ class PackedExperts(_ExpertsBase):
         p = self.packed("down", e)
         return get_format(p.format).matmul(y, p)
 
-    def weight_nbytes(self) -> int:
-        """Bytes of packed expert weights (stacked buffers counted once) plus biases."""
-        seen: set[str] = set()
-        total = 0
-        for kind in self.KINDS:
-            for spec in self._spec[kind]:
-                for b, _ in spec[3].values():
-                    if b not in seen:
-                        seen.add(b)
-                        t = getattr(self, b)
-                        total += t.numel() * t.element_size()
-        return total
-
 
 class DenseExperts(_ExpertsBase):
     """Trainable dense experts: gate_up_weight [E, 2I, H], down_weight [E, H, I]."""
