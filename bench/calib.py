@@ -1,4 +1,4 @@
-"""Issue 4 benchmark: router-statistics collection throughput and memory at full model scale.
+"""Router-statistics collection throughput and memory at full model scale.
 
     python bench/calib.py --preset gpt-oss-20b --device cuda --synth-device cuda --work /tmp/ck20 \
         --tokens 131072 --seq-len 512 --batch-size 64 --eager-baseline \

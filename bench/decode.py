@@ -1,4 +1,4 @@
-"""Issue 8 benchmark: batch-1 decode at a 2,048-token context on the fast path (mxq.runtime), in one command.
+"""Batch-1 decode at a 2,048-token context on the fast path (mxq.runtime), in one command.
 
     python bench/decode.py --work /tmp/ck20b --json $OUT/decode.json [--model DIR] [--md $OUT/decode.md]
 

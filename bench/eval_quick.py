@@ -1,4 +1,4 @@
-"""Issue 6 benchmark: wall time of ``eval=quick`` on the embedded tiny model on this CPU.
+"""Wall time of ``eval=quick`` on the embedded tiny model on this CPU.
 
     python bench/eval_quick.py [--out bench/results/eval_quick_cpu.md]
 

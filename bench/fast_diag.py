@@ -69,7 +69,7 @@ def main() -> None:
     from mxq.runtime import enable
     from mxq.runtime.attn_kernels import rmsnorm, rope_cache, sink_attention
     from mxq.runtime.linear_kernels import linear_gemv
-    from mxq.runtime.moe_kernels import down_gemv, gate_up_gemv, kernel_x, moe_grouped, router_topk
+    from mxq.runtime.moe_kernels import down_gemv, gate_up_gemv, moe_grouped, router_topk
     from mxq.synth import synth
 
     dev = a.device

@@ -1,4 +1,4 @@
-"""Issue 3 benchmark: quantize/dequantize throughput of every format, and re-quantizing gpt-oss-20b's experts.
+"""Quantize/dequantize throughput of every format, and re-quantizing gpt-oss-20b's experts.
 
     python bench/formats.py --device cuda --requant-20b --json $OUT/formats.json
     python bench/formats.py --device cpu --repeat 1 --requant-20b --layers 1 --md bench/results/formats_cpu.md

@@ -1,4 +1,4 @@
-"""Issue 2 benchmark: synthetic gpt-oss checkpoint -> mxq load -> generation -> transformers agreement.
+"""Synthetic gpt-oss checkpoint -> mxq load -> generation -> transformers agreement.
 
 One command does everything so it fits one device call:
     python bench/foundation.py --preset gpt-oss-20b --device cuda --work /tmp/ck --json $OUT/foundation.json

@@ -1,4 +1,4 @@
-"""Issue 5 + 8 benchmark: the whole ``python -m mxq.run`` pipeline at gpt-oss-20b size, per recipe, in one command.
+"""The whole ``python -m mxq.run`` pipeline at gpt-oss-20b size, per recipe, in one command.
 
     python bench/pipeline.py --work /tmp/pipe --md $OUT/pipeline.md --json $OUT/pipeline.json
 
@@ -16,7 +16,7 @@ says: stage times (``run_meta.json``), calibration tokens and whether the statis
 and the code path that produced it (``metrics.json``), exported size (``model/``). The markdown table and
 JSON are rewritten after every recipe, so a run cut short keeps what finished.
 
-The evaluation is limited to what issue 8 asks (speed and memory) plus a perplexity/KL check on 4 x 256
+The evaluation is limited to speed and memory (what this benchmark is for) plus a perplexity/KL check on 4 x 256
 held-out tokens (``DEFAULT_OVERRIDES``; add or replace any with ``--set key=value``). ``--cache shared``
 (default) shares the statistics / KL-reference / hash cache between the recipes of one invocation, as a
 sweep does (a recipe that reuses statistics says "cache hit" in the table; the first recipe pays for

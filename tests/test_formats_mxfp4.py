@@ -1,4 +1,8 @@
-"""MXFP4: the gpt-oss format spec's worked examples, an independent scalar reference, round-trip properties."""
+"""MXFP4: worked examples, an independent scalar reference, round-trip properties.
+
+Dequantizer: OCP MX v1.0 sections 5.3.3 / 5.4.1 with the gpt-oss nibble order (openai/gpt-oss
+``gpt_oss/torch/weights.py``); quantizer: triton's ``downcast_to_mxfp_torch`` ROUND_UP rule
+(``triton_kernels/numerics_details/mxfp.py``)."""
 from __future__ import annotations
 
 import math
@@ -16,7 +20,8 @@ F = get_format("mxfp4")
 MAGS = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
 
-def test_spec_3_2_dequantize_example():
+def test_dequantize_worked_example():
+    """Byte 0x2F = codes (15, 2) = (-6, +1), scale byte 128 = x2; codes 8 = -0, 9 = -0.5."""
     blocks = torch.zeros(1, 1, 16, dtype=torch.uint8)                     # [out=1, G=1, 16]
     blocks[0, 0, :4] = torch.tensor([0x2F, 0x71, 0x00, 0x98], dtype=torch.uint8)
     out = dequantize_mxfp4(blocks, torch.tensor([[128]], dtype=torch.uint8))  # [1, 32]
@@ -26,7 +31,8 @@ def test_spec_3_2_dequantize_example():
     assert torch.equal(out[0, 8:], torch.zeros(24))
 
 
-def test_spec_3_4_quantize_example():
+def test_quantize_worked_example():
+    """amax 1.6: amax/6 = 0.267 rounds up to the power of two 0.5 = 2^-1 (scale byte 126)."""
     x = torch.tensor([0.1 * i - 1.5 for i in range(32)], dtype=torch.float32).reshape(1, 32)
     p = F.quantize(x)
     assert p.tensors["scales"].tolist() == [[126]]
@@ -36,7 +42,7 @@ def test_spec_3_4_quantize_example():
 
 
 def _reference_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scalar re-statement of spec 3.4 in Python floats (no torch): one block at a time."""
+    """Scalar re-statement of triton's ROUND_UP rule in Python floats (no torch): one block at a time."""
     rows, k = x.shape
     blocks = np.zeros((rows, k // 32, 16), dtype=np.uint8)
     scales = np.zeros((rows, k // 32), dtype=np.uint8)

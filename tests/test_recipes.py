@@ -1,4 +1,5 @@
-"""Every recipe file is a smoke test: each runs end to end on a small synthetic model (style.md rule 7)."""
+"""Every recipe file is a smoke test: each runs end to end on a small synthetic model, so no
+shipped recipe can rot unnoticed."""
 from __future__ import annotations
 
 import json

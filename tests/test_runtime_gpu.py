@@ -1,4 +1,4 @@
-"""GPU tests of the fast path (mxq.runtime, issue 8); skipped without CUDA (CI has no GPU).
+"""GPU tests of the fast path (mxq.runtime); skipped without CUDA (CI has no GPU).
 
 Tolerances (bf16 activations everywhere, fp32 accumulation): a kernel against the reference torch code on the
 same bf16 inputs within a relative L2 error of 1e-2 (the two differ only in summation order and in where

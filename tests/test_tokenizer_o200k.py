@@ -1,5 +1,6 @@
 """o200k_harmony built offline from bpe-openai's ranks: same ids as the reference o200k encoder, harmony
-specials at their spec 6.1 ids, no automatic BOS/EOS, a reused cache, and the spec 6.2 harmony prompt."""
+specials at their ids (openai/harmony public_encodings.rs), no automatic BOS/EOS, a reused cache, and the
+harmony prompt (openai/harmony docs/format.md)."""
 from __future__ import annotations
 
 import gzip
@@ -77,7 +78,7 @@ def test_same_ids_fuzz(tok: PreTrainedTokenizerFast, ref) -> None:
 
 
 def test_special_token_text(tok: PreTrainedTokenizerFast, ref) -> None:
-    """Spec 6.3: HF parses special-token strings as specials by default, tiktoken-style encoders reject them
+    """HF parses special-token strings as specials by default, tiktoken-style encoders reject them
     unless allowed. Same ids when both treat them as specials, or both as plain text."""
     text = "end<|endoftext|>next <|endofprompt|>."
     with pytest.raises(Exception):

@@ -28,7 +28,7 @@ def test_vocab_and_special_ids(tok: PreTrainedTokenizerFast) -> None:
     assert tok.convert_tokens_to_ids("<|endoftext|>") == 0 == tok.eos_token_id == tok.pad_token_id
     assert tok.convert_tokens_to_ids("<|startoftext|>") == 1 == tok.bos_token_id
     ids = tok("Hello there").input_ids
-    assert 0 not in ids and 1 not in ids          # no automatic BOS/EOS (like gpt-oss, spec 6.1)
+    assert 0 not in ids and 1 not in ids          # no automatic BOS/EOS (like gpt-oss)
 
 
 @pytest.mark.parametrize("domain", DOMAINS)

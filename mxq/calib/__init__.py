@@ -1,4 +1,4 @@
-"""Calibration data for router statistics and quantizers (issue 4): ``build_calibration(cfg, tokenizer)``."""
+"""Calibration data for router statistics and quantizers: ``build_calibration(cfg, tokenizer)``."""
 from .config import CalibConfig, CalibError
 from .windows import CalibSet, build_calibration
 

@@ -2,12 +2,14 @@
 
 Why a dataclass in front of the Hydra group: the same fields reach ``build_calibration`` from Hydra
 (``recipes/calib/*.yaml``), from Python and from the benchmark, and every one of them must be checked
-before a model is loaded (style rule 8), with an error that names the bad field.
+before a model is loaded, with an error that names the bad field.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
 
 SOURCES = ("corpus", "files", "hf")
 
@@ -51,16 +53,11 @@ class CalibConfig:
             return cfg
         if cfg is None:
             return cls()
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(cfg, DictConfig):
-                missing = [k for k in cfg if OmegaConf.is_missing(cfg, k)]
-                if missing:
-                    raise CalibError(f"calib config leaves required keys unset (???): {', '.join(missing)}")
-                cfg = OmegaConf.to_container(cfg, resolve=True)
-        except ImportError:  # pragma: no cover - omegaconf is a dependency
-            pass
+        if isinstance(cfg, DictConfig):
+            missing = [k for k in cfg if OmegaConf.is_missing(cfg, k)]
+            if missing:
+                raise CalibError(f"calib config leaves required keys unset (???): {', '.join(missing)}")
+            cfg = OmegaConf.to_container(cfg, resolve=True)
         d = dict(cfg)
         known = {f.name for f in fields(cls)} - {"extra"}
         extra = {k: d.pop(k) for k in list(d) if k not in known}

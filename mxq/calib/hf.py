@@ -32,12 +32,9 @@ def offline_mode() -> bool:
 
 def hub_endpoint() -> str:
     """The endpoint the HF libraries will really use (read by huggingface_hub at import time)."""
-    try:
-        from huggingface_hub import constants
+    from huggingface_hub import constants   # imported here: it reads HF_ENDPOINT at import time
 
-        return str(constants.ENDPOINT).rstrip("/")
-    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
-        return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return str(constants.ENDPOINT).rstrip("/")
 
 
 @contextmanager

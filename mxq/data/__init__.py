@@ -1,0 +1,1 @@
+"""The embedded corpus, its fixed splits and the local lm-eval tasks built from them (``evals/``)."""

@@ -17,7 +17,6 @@ from typing import Any
 from ..resources import evals_dir
 
 EVALS_DIR = evals_dir()
-GROUPS = ("tiny_ppl", "tiny_cloze", "tiny_nextsent", "tiny_all")
 
 
 def _absolute(files: Any, base: Path) -> Any:

@@ -1,4 +1,4 @@
-"""Evaluation of (compressed) GPT-OSS models: memory, speed, accuracy, per-run reports and ablations (issue 6).
+"""Evaluation of (compressed) GPT-OSS models: memory, speed, accuracy, per-run reports and ablations.
 
     metrics = evaluate(model, tokenizer, eval_cfg, run_dir, baseline_source="tiny")
     write_run_outputs(run_dir, {**metrics, "recipe": {...}})   # metrics.json, metrics.csv, report.md

@@ -1,9 +1,10 @@
 """Ablation reports over many runs: ``python -m mxq.report DIR...`` (CLI in ``mxq/report.py``).
 
-Reads every metrics.json below the given folders (single runs or a Hydra multirun folder), one row per
-run labelled by its recipe name, deltas against the run whose recipe is named ``baseline``, a per-domain
-perplexity table, a per-task lm-eval table (never only an average: methods.md pain 8) and a Pareto plot of
-accuracy against weight bytes. Only metrics.json files are read (style.md rule 10).
+Reads every metrics.json below the given folders (single runs or a Hydra multirun folder), one row per run
+labelled by its recipe name, deltas against the run whose recipe is named ``baseline``, a per-domain perplexity
+table, a per-task lm-eval table (never only an average: one collapsed task can hide in it) and a Pareto plot of
+accuracy against weight bytes. Only metrics.json files are read, so a report can be rebuilt at any time from the
+files a run left.
 """
 from __future__ import annotations
 
@@ -154,9 +155,9 @@ def write_ablation(dirs: Sequence[str | Path], out: str | Path | None = None) ->
     if ppl_cols:
         parts += ["## Perplexity per domain\n", _md_table(df, ["label"] + ppl_cols + ["ppl_mean"])]
     if not tasks.empty:
-        parts += ["## lm-eval per task\n", "One row per task and metric (methods.md pain 8: a format can collapse "
+        parts += ["## lm-eval per task\n", "One row per task and metric (a format can collapse "
                   "one task while the average looks fine).\n\n", _md_table(tasks, list(tasks.columns))]
-    parts += ["## What ran\n", "Precision and code path as recorded by each run (methods.md pain 5).\n\n",
+    parts += ["## What ran\n", "Precision and code path as recorded by each run.\n\n",
               _md_table(df, ["label", "path", "compute_dtype", "expert_formats", "run_dir"])]
     (out / "ablation.md").write_text("\n".join(parts))
     paths = {"md": out / "ablation.md", "csv": out / "ablation.csv", "pareto": out / "pareto.png"}

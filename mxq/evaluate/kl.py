@@ -4,7 +4,7 @@ KL(P_base || Q_compressed) per scored token, then the mean and the 99th percenti
 tracks average damage, the p99 the rare tokens a compressed MoE gets badly wrong (a mis-routed token, a
 broken expert) that a mean hides. Top-1 agreement = share of tokens whose argmax is unchanged.
 
-Where the reference distribution comes from (the choice issue 6 asks to make and document):
+Where the reference distribution comes from (a choice every KL number depends on, so it is stated here):
 * KL needs the *full* reference distribution: top-k log-probs + logsumexp leave the tail mass unknown,
   so KL from them is not exact. mxq therefore stores the full reference log-probs, rounded to fp16
   (``cache_dtype``), of exactly the scored tokens, when they fit in ``max_cache_bytes``
@@ -33,17 +33,16 @@ from torch import Tensor
 
 from ..atomic import write_safetensors_atomic
 from ..model.attention import SinkAttention, inference_attention_impl
+from ..stats.cache import model_hash as stats_model_hash
 from .perplexity import Item, window_logprobs
 
 CACHE_VERSION = 1
 
 
 def model_hash(folder: str | Path, cache_dir: Path | None = None) -> str:
-    """Content hash of a checkpoint folder: ``mxq.stats.cache.model_hash`` (the statistics cache's key), its
-    per-file digests memoised in ``<cache_dir>/model_hashes.json`` so a 13 GB checkpoint is read once."""
-    from ..stats.cache import model_hash as stats_hash
-
-    return str(stats_hash(folder, (cache_dir / "model_hashes.json") if cache_dir else None))
+    """Content hash of a checkpoint folder: the router-statistics cache's hash (``mxq.stats.cache.model_hash``),
+    so both caches key a checkpoint the same way; memoised in ``<cache_dir>/model_hashes.json``."""
+    return str(stats_model_hash(folder, (cache_dir / "model_hashes.json") if cache_dir else None))
 
 
 def tokens_hash(tokens: dict[str, Tensor], settings: dict[str, Any]) -> str:

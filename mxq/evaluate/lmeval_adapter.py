@@ -2,16 +2,17 @@
 
 Why an own backend instead of ``HFLM(pretrained=model)``: mxq's model keeps experts packed in any mix of
 formats and is not a transformers ``PreTrainedModel``; going through transformers would dequantize or
-re-load it, so the scores would not be those of what was compressed (methods.md pain 5).
+re-load it, so the scores would not be those of what was compressed (transformers dequantizes MXFP4
+to bf16 whenever its kernels are missing: ``quantizers/quantizer_mxfp4.py``).
 
-Scoring follows format spec 6.3 and lm-eval's HF backend: raw token ids of context + continuation, no BOS,
-no harmony wrapper; the prefix token (BOS, else EOS) only when the context is empty. Batches are padded
-on the right with an attention mask (causal attention and per-token MoE make padding invisible to real
-tokens), sorted longest-first to waste little padding. ``loglikelihood_rolling`` uses the same sliding
-windows as mxq's perplexity (``perplexity.sliding_windows``; ``rolling_stride`` = max_length gives
-disjoint windows like HFLM). ``chat_format=True`` wraps generative prompts in the gpt-oss harmony chat
-format (spec 6.2) and keeps only the final-channel answer: raw completions collapse gpt-oss scores
-(GSM8K 0.90 via chat vs 0.30 via completions, vLLM PR #48253; methods.md pain 7).
+Scoring follows lm-eval's HF backend (``HFLM``) with gpt-oss's tokenizer, which adds no special tokens: raw
+token ids of context + continuation, no BOS, no harmony wrapper; the prefix token (BOS, else EOS) only when the
+context is empty. Batches are padded on the right with an attention mask (causal attention and per-token MoE
+make padding invisible to real tokens), sorted longest-first to waste little padding. ``loglikelihood_rolling``
+uses the same sliding windows as mxq's perplexity (``perplexity.sliding_windows``; ``rolling_stride`` =
+max_length gives disjoint windows like HFLM). ``chat_format=True`` wraps generative prompts in the gpt-oss
+harmony chat format (openai/harmony docs/format.md) and keeps only the final-channel answer: raw completions
+collapse gpt-oss scores (GSM8K 0.90 via chat vs 0.30 via completions, reported in vllm-project/vllm#48253).
 
     lm_eval --model mxq --model_args pretrained=/path/ckpt,dtype=bfloat16,device=cuda --tasks arc_easy
 """
@@ -35,7 +36,7 @@ FINAL_MARK = "<|channel|>final<|message|>"
 
 
 def harmony_prompt(text: str) -> str:
-    """``mxq.tokenizer.harmony_prompt`` (spec 6.2, date pinned)."""
+    """``mxq.tokenizer.harmony_prompt`` (harmony format, date pinned)."""
     from ..tokenizer import harmony_prompt as render
 
     return render(text)
@@ -129,7 +130,7 @@ class MxqLM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Harmony rendering (spec 6.2) with mxq's template, date pinned, for ``--apply_chat_template``."""
+        """Harmony rendering with mxq's template, date pinned, for ``--apply_chat_template``."""
         from ..tokenizer import CHAT_TEMPLATE
 
         return self.tokenizer.apply_chat_template(chat_history, chat_template=CHAT_TEMPLATE, tokenize=False,

@@ -90,7 +90,7 @@ def weight_bytes(model) -> dict[str, Any]:
     counts = param_counts(model)
     return {
         "weight_bytes": int(sum(comp.values())),
-        # the same model with every non-expert tensor at 2 bytes: the published checkpoint convention (spec 7)
+        # the same model with every non-expert tensor at 2 bytes: the published checkpoint convention
         "weight_bytes_bf16_dense": int(comp["experts"] + 2 * dense_numel),
         "by_component": {k: int(v) for k, v in sorted(comp.items())},
         "experts_by_format": {k: {kk: (int(vv) if kk != "bits_per_weight" else round(vv, 4)) for kk, vv in v.items()}

@@ -2,7 +2,8 @@
 code path actually ran, and parameter counts of the model as it is (pruned experts included).
 
 Why the precision block exists: transformers silently dequantizes MXFP4 to bf16 when its kernels are
-missing, so users cannot tell what they measured (methods.md pain 5). Every mxq report therefore states
+missing (transformers ``quantizers/quantizer_mxfp4.py``, ``validate_environment``), so users cannot tell what
+they measured. Every mxq report therefore states
 the expert formats that are held, the compute dtype and the code path (``model.runtime_path``).
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 SCHEMA_VERSION = 1
 DEFAULT_PATH = "mxq-torch-reference"
-# Top-level keys of metrics.json and the keys each section must carry (issue 6, item 4).
+# Top-level keys of metrics.json and the keys each section must carry.
 REQUIRED: dict[str, tuple[str, ...]] = {
     "model": (), "recipe": (), "plan": (), "env": (),
     "memory": ("weight_bytes",),
@@ -27,7 +28,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 LOGLIKELIHOOD_NOTE = (
     "Log-likelihood scores (perplexity, KL, cloze/next-sentence accuracy) compare compressed variants of "
     "one model with each other; they are not comparable with the model card, whose numbers come from "
-    "generation in the harmony chat format with reasoning (methods.md pain 7; format spec 6.3)."
+    "generation in the harmony chat format with reasoning (gpt-oss model card, arXiv 2508.10925; harmony: "
+    "https://github.com/openai/harmony)."
 )
 
 
@@ -126,7 +128,8 @@ def precision(model) -> dict[str, Any]:
 
 
 def param_counts(model) -> dict[str, int]:
-    """Total / active parameters of the model as it is (spec section 7 formula, per-layer expert count).
+    """Total / active parameters of the model as it is (``GptOssConfig.param_counts`` formula,
+    per-layer expert count).
 
     ``GptOssConfig.param_counts`` assumes every layer keeps all E experts; after pruning each layer l has
     E_l experts, so the per-layer count is re-derived from the config with E_l experts.

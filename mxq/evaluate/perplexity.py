@@ -10,7 +10,9 @@ max_length/stride times more compute and gives lower, more representative perple
 only when a ``prefix`` token (lm-eval's BOS/EOS convention) is prepended. Perplexity is token-weighted:
 exp(sum NLL / tokens).
 
-Following format spec 6.3 the held-out text is scored as raw token ids: no BOS, no harmony wrapper.
+The held-out text is scored as raw token ids, no BOS and no harmony wrapper, as lm-eval's HF backend feeds
+gpt-oss (its tokenizer adds no special tokens); such scores compare checkpoints with each other, not with
+the model card.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Order matters: memory (exact bytes, then the peak probe) and speed run first, on a model no other
 evaluation has touched, and before a baseline copy is loaded for KL (which would inflate the peak);
-accuracy runs last. Every section says which precision and code path ran (methods.md pain 5).
+accuracy runs last. Every section says which precision and code path ran (transformers would
+silently run bf16 where its MXFP4 kernels are missing; mxq states what ran).
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def _environment() -> dict[str, Any]:
 def write_run_outputs(run_dir: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
     """Merge ``metrics`` into ``run_dir/metrics.json`` and write metrics.csv, report.md (+ PNGs).
 
-    The lead's run.py fills ``model``, ``recipe``, ``plan``, ``env``; keys it does not give are kept from an
+    ``mxq.run`` fills ``model``, ``recipe``, ``plan``, ``env``; keys it does not give are kept from an
     existing metrics.json or set to None (``env`` is measured here if absent). Prints a summary table.
     """
     from .report import print_summary, write_csv, write_report

@@ -1,6 +1,6 @@
 """One run's human-readable outputs: report.md (tables + PNG plots), metrics.csv (one flat row), and the
 summary table printed at the end of the run. Everything here only reads metrics.json-shaped dicts
-(style.md rule 10: reports are built from self-describing outputs, never from live objects).
+(reports are built from self-describing outputs, never from live objects, so they can be rebuilt later).
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def _accuracy_md(a: dict[str, Any]) -> str:
                    f"{le['config'].get('chat_format')})\n\n" + table(["task", "metric", "value", "samples"], rows))
         if le.get("groups"):
             rows = [[g, m, v] for g, ms in le["groups"].items() for m, v in ms.items() if isinstance(v, float)]
-            out.append("\nGroup averages (read the per-task rows first; methods.md pain 8):\n\n"
+            out.append("\nGroup averages (read the per-task rows first: an average can hide a collapsed task):\n\n"
                        + table(["group", "metric", "value"], rows))
     return "\n".join(out)
 

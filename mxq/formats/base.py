@@ -2,7 +2,8 @@
 
 Why a plain dataclass and not a tensor subclass: the runtime keeps expert weights packed exactly as they
 are stored on disk, and every consumer (the forward pass, the exporter, the byte counter) only needs the
-named tensors plus a dequantize/matmul function (see docs/architecture.md and style.md rule 9).
+named tensors plus a dequantize/matmul function (see docs/architecture.md). A tensor subclass would
+have to re-implement every torch op it meets or silently dequantize.
 
 Axis convention shared by every format: ``quantize(w, axis)`` names the *contraction* (input) axis of ``w``.
 The packed result is always stored ``[out, in]``-major, i.e. ``axis=0`` means ``w`` arrives as ``[in, out]``

@@ -1,9 +1,15 @@
-"""MXFP4 as stored in the gpt-oss checkpoints (format spec section 3; OCP Microscaling spec v1.0).
+"""MXFP4 as stored in the gpt-oss checkpoints.
+
+Format: OCP Microscaling Formats (MX) v1.0, section 5.3.3 (FP4 E2M1 elements) and 5.4.1 (E8M0 scale),
+https://www.opencompute.org/documents/ocp-microscaling-formats-mx-v1-0-spec-final-pdf; the gpt-oss byte
+layout is that of openai/gpt-oss ``gpt_oss/torch/weights.py`` and README "Precision format", and of
+transformers ``integrations/mxfp4.py`` (``_convert_moe_packed_tensors``).
 
 Element: FP4 E2M1; scale: E8M0 (a power of two, bias 127) per block of 32 along the input axis.
 Bytes: ``blocks`` [..., in/32, 16] u8, element 2j in the low nibble and 2j+1 in the high nibble;
-``scales`` [..., in/32] u8. The quantizer follows OpenAI's Triton reference rule (spec 3.4): the scale
-is amax/6 rounded *up* to a power of two, elements round to nearest with ties away from zero.
+``scales`` [..., in/32] u8. The quantizer follows OpenAI's Triton reference rule (triton-lang/triton
+``python/triton_kernels/triton_kernels/numerics_details/mxfp.py``, ``downcast_to_mxfp_torch``, ROUND_UP):
+the scale is amax/6 rounded *up* to a power of two, elements round to nearest with ties away from zero.
 
 Round trip (tested in tests/test_formats_mxfp4.py): for every block with scale byte >= 1 whose dequantized
 values are finite, ``dequantize(quantize(dequantize(b, s)))`` reproduces the dequantized values exactly
@@ -23,21 +29,13 @@ from .base import Format, FormatError, Packed, as_out_in, check_packed, div, con
 from .registry import register_format
 
 BLOCK = 32
-# E2M1 code -> value (spec 3.1 table); bit 3 is the sign.
+# E2M1 code -> value (OCP MX v1.0 section 5.3.3); bit 3 is the sign.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 # Midpoints between consecutive magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}: |v| >= midpoint -> next code
 # (">=" implements ties away from zero).
 _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 _LUT_CACHE: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
-
-
-def fp4_lut(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The 16 E2M1 values, cached per device/dtype."""
-    key = ("lut", torch.device(device), dtype)
-    if key not in _LUT_CACHE:
-        _LUT_CACHE[key] = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
-    return _LUT_CACHE[key]
 
 
 def fp4_byte_lut(device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -1,7 +1,9 @@
 """NVFP4: FP4 E2M1 elements, an FP8 E4M3 scale per 16 elements, one fp32 scale per tensor.
 
-Reference: NVIDIA's NVFP4 definition (Blackwell "NVFP4" in the NVIDIA TensorRT Model Optimizer,
-``NVFP4QTensor``; the same numbers as compressed-tensors' ``nvfp4-pack-quantized``). Two-level scaling:
+Reference: NVIDIA's NVFP4 definition ("Introducing NVFP4 for Efficient and Accurate Low-Precision
+Inference", https://developer.nvidia.com/blog/introducing-nvfp4-for-efficient-and-accurate-low-precision-inference/)
+as implemented by NVIDIA TensorRT Model Optimizer (``modelopt/torch/quantization/qtensor/nvfp4_tensor.py``,
+``NVFP4QTensor``); the same numbers as compressed-tensors' ``nvfp4-pack-quantized``. Two-level scaling:
 
     global_scale = amax(W) / (6 * 448)                       # fp32, per tensor (= per expert)
     scale_b      = fp8_e4m3(amax(block_b) / (6 * global_scale))  # RNE, <= 448

@@ -1,7 +1,12 @@
-"""The exact tensor sets of the two published layouts (format spec 2.1 and 5), per config.
+"""The exact tensor sets of the two published layouts, per config.
+
+HF: the module shapes of transformers ``models/gpt_oss/modeling_gpt_oss.py`` (459 tensors for gpt-oss-20b);
+original: openai/gpt-oss ``gpt_oss/torch/weights.py``, mapped to HF names as transformers'
+``convert_gpt_oss_weights_to_hf.py`` maps them.
 
 Every tensor of a checkpoint must be one of these, with this shape and an allowed dtype; nothing may be
-missing. This is what keeps mxq from silently skipping or inventing expert weights (methods.md, pain 6).
+missing. This is what keeps mxq from silently skipping or inventing expert weights, as
+other tools have (bitsandbytes-foundation/bitsandbytes#1849 skips fused 3-D expert parameters).
 """
 from __future__ import annotations
 
@@ -50,7 +55,7 @@ def hf_tensors(cfg: GptOssConfig, experts: str) -> dict[str, Expected]:
                 p + "mlp.experts.down_proj_blocks": Expected((E, H, I // 32, 16), U8),
                 p + "mlp.experts.down_proj_scales": Expected((E, H, I // 32), U8),
             })
-        else:  # transformers' dequantized layout: input-major ("transposed"), spec 2.2
+        else:  # transformers' dequantized layout: input-major ("transposed"), integrations/mxfp4.py
             out.update({
                 p + "mlp.experts.gate_up_proj": Expected((E, H, 2 * I), BF16),
                 p + "mlp.experts.down_proj": Expected((E, I, H), BF16),
@@ -59,7 +64,7 @@ def hf_tensors(cfg: GptOssConfig, experts: str) -> dict[str, Expected]:
 
 
 def original_tensors(cfg: GptOssConfig) -> dict[str, Expected]:
-    """Original OpenAI names (spec 5); experts always MXFP4 there."""
+    """Original OpenAI names (``gpt_oss/torch/weights.py``); experts always MXFP4 there."""
     H, I, E, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.vocab_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     out = {"embedding.weight": Expected((V, H), FLOAT), "norm.scale": Expected((H,), FLOAT),

@@ -15,7 +15,8 @@ validation (and vLLM, which uses it) then refuses at once with that sentence in 
 
 Like the HF reader, every tensor is accounted for before anything is loaded: each expected dense
 tensor and packed weight is present, nothing unknown is, and each packed weight has exactly its
-format's ``nbytes`` (methods.md, pain point 6).
+format's ``nbytes``: a loader that skips an unknown tensor loads a
+different model without saying so.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Strict safetensors header validation (format spec 2.3) before any tensor is read.
+"""Strict safetensors header validation before any tensor is read.
+
+Container format: huggingface/safetensors README, "Format" (u64 header length, JSON header, data offsets
+that tile the data block exactly).
 
 The ``safetensors`` library reads the data; this module checks first, so that a truncated or corrupt
 file fails with a message naming the file and the tensor instead of a half-loaded model.

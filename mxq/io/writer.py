@@ -1,4 +1,5 @@
-"""Atomic, streaming checkpoint writer for the exact HF gpt-oss layout (format spec 1.2, 1.3, 2, 10).
+"""Atomic, streaming checkpoint writer for the exact HF gpt-oss layout: ``config.json``,
+``generation_config.json``, safetensors shards and ``model.safetensors.index.json`` as on the Hub.
 
 Tensors arrive from an iterator and are flushed shard by shard, so at most one shard is in memory. Files
 are written into a hidden temporary folder beside the target, which is renamed into place only when
@@ -36,7 +37,7 @@ def write_unit_shards(folder: Path, units: Iterable[Unit], shard_bytes: int = DE
     ``units`` are (tensors, metadata) groups that stay in one shard (a packed expert's named tensors); a shard's
     header metadata is ``base_metadata`` plus its units' entries. Shards are named like transformers'
     ``save_pretrained`` (``model-00001-of-00003.safetensors``, or ``model.safetensors`` when one shard
-    suffices); loaders use the index, not the names (spec 1.1). Each shard is written to a temporary name and
+    suffices); loaders use the index, not the names. Each shard is written to a temporary name and
     renamed once all are complete.
     """
     shards: list[list[str]] = []

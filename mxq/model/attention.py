@@ -1,4 +1,6 @@
-"""Attention with learned sinks, GQA and the alternating sliding window (format spec 4.3).
+"""Attention with learned sinks, GQA and the alternating sliding window, as in openai/gpt-oss
+``gpt_oss/torch/model.py`` (``sdpa``, ``AttentionBlock``) and transformers
+``models/gpt_oss/modeling_gpt_oss.py`` (``eager_attention_forward``); see docs/references.md.
 
 Sinks (one logit per head, unscaled) are appended to each softmax row and their probability dropped,
 so rows may sum to less than one; a fully masked row (a padding query) then yields zeros, not NaN.
@@ -7,7 +9,7 @@ Two implementations of the same math (``SinkAttention.impl``):
 
 * ``eager``: the scores [B, nh, T, S] are materialised, masked, concatenated with the sink column and
   softmaxed in fp32 (``eager_sink_attention``). q @ k^T and the probabilities are rounded to the
-  activation dtype like the OpenAI/transformers references (spec 4.8). Exact, but at calibration scale
+  activation dtype like the OpenAI torch reference and transformers' eager path do. Exact, but at calibration scale
   (B=64, 64 heads, T=S=512) every layer moves ~30 GB through memory for it.
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with the sink as one extra key whose
   key and value rows are zero and whose score comes from the additive mask (``sdpa_sink_attention``).
@@ -16,7 +18,7 @@ Two implementations of the same math (``SinkAttention.impl``):
 
 ``auto`` (the default) is ``sdpa`` for CUDA tensors when no gradient is recorded (calibration,
 evaluation, generation) and ``eager`` otherwise:
-* CUDA, bf16: the point of SDPA (issue 4: router statistics at gpt-oss-20b scale). Its kernels keep the
+* CUDA, bf16: the point of SDPA (router statistics over calibration batches at gpt-oss-20b scale). Its kernels keep the
   scores in fp32 and round only the probabilities before @ v, so the result is closer to a float32
   computation than the eager bf16 one (tests/test_attention.py measures both against float32).
 * CPU (float32 tests, the tiny model): eager, so that CPU results, the statistics and KL caches built on
@@ -89,7 +91,8 @@ class AttentionMasks:
 def eager_sink_attention(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor, scale: float, allowed: Tensor) -> Tensor:
     """Reference sink attention. q [B, nh, T, d], k/v [B, kv, S, d], sinks [nh], allowed [B|1, 1, T, S].
 
-    Query head h uses kv head h // g (g = nh / kv, spec 4.3). Returns o [B, nh, T, d] in v's dtype.
+    Query head h uses kv head h // g (g = nh / kv; transformers' ``repeat_kv`` repeats each kv head g times).
+    Returns o [B, nh, T, d] in v's dtype.
     """
     b, nh, t, d = q.shape
     kv, s = k.shape[1], k.shape[2]
@@ -131,7 +134,7 @@ def sdpa_sink_attention(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor, scale: f
 
     Why this form (exact, and robust across torch >= 2.4):
     * The sink is a key with a zero key row and a zero value row, and the additive mask holds
-      sinks[h] in its column: its score is q . 0 * scale + sinks[h] = sinks[h] (unscaled, spec 4.3), it
+      sinks[h] in its column: its score is q . 0 * scale + sinks[h] = sinks[h] (unscaled, as in both references), it
       adds exp(sinks[h]) to the softmax denominator and nothing to the output. No torch API has to
       return the log-sum-exp for this (the public SDPA does not; flex_attention's needs compilation).
     * GQA without ``enable_gqa`` (torch >= 2.5 only, and the memory-efficient kernel, the one that
@@ -214,7 +217,7 @@ def inference_attention_impl(model: nn.Module) -> str:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm in fp32, cast back to the activation dtype (spec 4.2)."""
+    """RMSNorm in fp32, cast back to the activation dtype (transformers ``GptOssRMSNorm``, OpenAI ``RMSNorm``)."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (weight.float() * xf).to(x.dtype)

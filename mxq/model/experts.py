@@ -2,10 +2,12 @@
 
 Two storages share one interface (``expert_forward``):
 * ``PackedExperts``: each expert's gate_up [2I, H] and down [H, I] matrices are ``Packed`` objects of any
-  registered format (issue 3, item 8). A checkpoint's stacked MXFP4 tensors [E, ...] are held once and
-  each expert's ``Packed`` is a view into them, so loading never copies or expands the experts.
+  registered format (a mixed-precision plan gives each expert its own). A checkpoint's stacked MXFP4
+  tensors [E, ...] are held once and each expert's ``Packed`` is a view into them, so loading never copies
+  or expands the experts.
 * ``DenseExperts``: trainable parameters [E, 2I, H] / [E, H, I] (training the embedded model).
-Orientation is the original OpenAI one, [out, in], matching ``*_blocks`` (spec 3.1, 5).
+Orientation is the original OpenAI one, [out, in], matching ``*_blocks`` and OpenAI's ``mlp1_weight``
+[E, 2I, H] (openai/gpt-oss ``gpt_oss/torch/weights.py``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ from ..formats import Packed, get_format
 
 
 def clamped_swiglu(a: Tensor, alpha: float, limit: float) -> Tensor:
-    """GPT-OSS activation (spec 4.6): interleaved gate (even) / up (odd), clamped, ``(up + 1) * glu``."""
+    """GPT-OSS activation: interleaved gate (even) / up (odd), clamped, ``(up + 1) * glu``.
+
+    As openai/gpt-oss ``gpt_oss/torch/model.py::swiglu`` and transformers ``GptOssExperts._apply_gate``.
+    """
     g, u = a[..., 0::2], a[..., 1::2]
     g = g.clamp(max=limit)
     u = u.clamp(min=-limit, max=limit)
@@ -108,19 +113,6 @@ class PackedExperts(_ExpertsBase):
     def down_matmul(self, e: int, y: Tensor) -> Tensor:
         p = self.packed("down", e)
         return get_format(p.format).matmul(y, p)
-
-    def weight_nbytes(self) -> int:
-        """Bytes of packed expert weights (stacked buffers counted once) plus biases."""
-        seen: set[str] = set()
-        total = 0
-        for kind in self.KINDS:
-            for spec in self._spec[kind]:
-                for b, _ in spec[3].values():
-                    if b not in seen:
-                        seen.add(b)
-                        t = getattr(self, b)
-                        total += t.numel() * t.element_size()
-        return total
 
 
 class DenseExperts(_ExpertsBase):

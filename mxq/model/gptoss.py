@@ -1,4 +1,7 @@
-"""GptOssForCausalLM: mxq's own exact GPT-OSS forward pass (format spec section 4).
+"""GptOssForCausalLM: mxq's own exact GPT-OSS forward pass.
+
+Written from openai/gpt-oss ``gpt_oss/torch/model.py`` (``Transformer``) and transformers
+``models/gpt_oss/modeling_gpt_oss.py``; architecture as in the gpt-oss model card (arXiv 2508.10925).
 
 Pre-norm residual blocks of sink attention and MoE; no embedding scaling, no soft-capping, untied
 lm_head. Weights are loaded by ``mxq.io.reader``; experts stay packed (``PackedExperts``) unless the

@@ -1,4 +1,8 @@
-"""The GPT-OSS MoE block: router (top-k on logits, softmax over the k; spec 4.5) and weighted experts (4.7)."""
+"""The GPT-OSS MoE block: router (top-k on logits, softmax over the k) and weighted experts.
+
+As openai/gpt-oss ``gpt_oss/torch/model.py::MLPBlock.forward`` and transformers ``GptOssTopKRouter``: the
+down-projection bias is added per expert before the routing weight multiplies the output.
+"""
 from __future__ import annotations
 
 from typing import Iterator

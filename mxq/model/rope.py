@@ -1,4 +1,5 @@
-"""Rotary embeddings with YaRN scaling, as GPT-OSS uses them (format spec 4.4).
+"""Rotary embeddings with YaRN scaling, as GPT-OSS uses them (openai/gpt-oss ``RotaryEmbedding`` in
+``gpt_oss/torch/model.py``; transformers ``modeling_rope_utils.py::_compute_yarn_parameters``).
 
 YaRN: Peng et al., "YaRN: Efficient Context Window Extension of LLMs", arXiv 2309.00071. GPT-OSS sets
 ``truncate: false``: the correction range [low, high] is used unrounded (a missing key means true in
@@ -43,7 +44,7 @@ def yarn_inv_freq(cfg: GptOssConfig) -> tuple[Tensor, float]:
 
 
 class Rope(torch.nn.Module):
-    """cos/sin tables per position; computed in fp32 and cast to the activation dtype (spec 4.4)."""
+    """cos/sin tables per position; computed in fp32 and cast to the activation dtype (as both references do)."""
 
     def __init__(self, cfg: GptOssConfig):
         super().__init__()

@@ -2,7 +2,8 @@
 
 Pruning expert e of a layer removes its router row and bias entry and its slice of every expert tensor;
 routing then takes the top-k over the surviving logits and the softmax over those k renormalises by
-itself, exactly as if the pruned experts' router logits were -inf (methods.md, "Pruning"). Kept experts
+itself, exactly as if the pruned experts' router logits were -inf (top-k first, then
+softmax over the k, as openai/gpt-oss ``MLPBlock``). Kept experts
 are re-packed into their target format through ``convert`` (an expert already in its target format keeps
 its bytes; a layer whose kept experts all stay in one stacked format stays stacked, copied once with
 ``index_select``; a layer whose kept experts all end in one format after re-packing is stacked again, so

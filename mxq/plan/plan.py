@@ -35,13 +35,13 @@ class PlanError(ValueError):
 
 
 def expert_shapes(config) -> dict[str, tuple[int, int]]:
-    """Logical [out, in] shapes of one expert's two matrices (format spec 3.1)."""
+    """Logical [out, in] shapes of one expert's two matrices ([2I, H] and [H, I])."""
     H, I = config.hidden_size, config.intermediate_size
     return {"gate_up": (2 * I, H), "down": (H, I)}
 
 
 def attention_shapes(config) -> dict[str, tuple[int, int]]:
-    """[out, in] of the four attention projections of one layer (format spec 2.1)."""
+    """[out, in] of the four attention projections of one layer (q, k, v, o)."""
     H = config.hidden_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     return {"q_proj": (q, H), "k_proj": (kv, H), "v_proj": (kv, H), "o_proj": (H, q)}
@@ -151,8 +151,8 @@ class Plan:
     def bytes(self, config) -> dict[str, int]:
         """Exact bytes of the resulting weights per component (every tensor a checkpoint of it stores).
 
-        Non-quantized tensors count as bf16 (the published files store every float tensor as BF16,
-        format spec 2.1); quantized ones as their format's ``nbytes``. ``expert_bits`` is the average bits
+        Non-quantized tensors count as bf16 (the published files store every float tensor as
+        BF16); quantized ones as their format's ``nbytes``. ``expert_bits`` is the average bits
         per expert weight (packed gate_up + down of the kept experts, biases excluded).
         """
         self.check(config)

@@ -4,7 +4,7 @@ Registered with ``@register_planner(name, uses=...)``; ``uses`` names the recipe
 so that ``mxq.plan.validate`` checks exactly those (and rejects options a planner would silently ignore).
 
 * ``uniform``: every expert in ``quant.format`` ("keep" = each expert's current format).
-* ``prune``: drop ``floor(fraction * E)`` experts in every layer by ``prune.criterion`` (methods.md), the
+* ``prune``: drop ``floor(fraction * E)`` experts in every layer by ``prune.criterion`` (mxq.plan.scores), the
   same count per layer because a checkpoint has one global ``num_local_experts``; kept experts keep
   their format and bytes.
 * ``mixed``: one format per expert from ``mixed.menu`` under a budget, minimising importance x measured

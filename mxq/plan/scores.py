@@ -1,13 +1,14 @@
 """Expert importance from router statistics, and the choice of experts to prune per layer.
 
 Reads ``mxq.stats.RouterStats`` by field name only (``score(name)``, ``uncalibrated``, ``super_experts``),
-so any object with those fields works. Scores (methods.md): REAP (Lasby et al., arXiv 2510.13999), EAN
+so any object with those fields works. Scores: REAP (Lasby et al., arXiv 2510.13999), EAN
 (the REAP paper's baseline), frequency and gate mass; higher always means more important.
 
 Uncalibrated experts (no calibration token reached them) have no measured score. Documented choice:
 for pruning they rank *below* every calibrated expert (pruned first: no evidence that they matter on the
 calibration data), and every such decision is listed in the plan's notes so that it is never silent
-(methods.md, pain point 3). Super experts (Su et al., arXiv 2507.23279) are never pruned unless
+(calibrated quantizers and exporters of other tools have silently mishandled experts no token reached,
+e.g. ModelCloud/GPTQModel#2271). Super experts (Su et al., arXiv 2507.23279) are never pruned unless
 ``protect_super`` is false.
 """
 from __future__ import annotations

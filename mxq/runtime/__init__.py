@@ -1,4 +1,4 @@
-"""mxq.runtime: a fast GPU decode path (issue 8). See docs/runtime.md.
+"""mxq.runtime: a fast GPU decode path (Triton kernels that read each format's packed bytes). See docs/runtime.md.
 
     from mxq.runtime import fast_generate
     out = fast_generate(model, input_ids, max_new_tokens=64)     # greedy; sets model.runtime_path

@@ -279,7 +279,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def swiglu(a_g, a_u, alpha, limit):
-        """GPT-OSS clamped SwiGLU on fp32 gate/up (spec 4.6): (clamp(u) + 1) * g * sigmoid(alpha * g)."""
+        """GPT-OSS clamped SwiGLU on fp32 gate/up (gpt-oss ``swiglu``): (clamp(u) + 1) * g * sigmoid(alpha * g)."""
         g = tl.minimum(a_g, limit)
         u = tl.minimum(tl.maximum(a_u, -limit), limit)
         return (u + 1.0) * (g * tl.sigmoid(alpha * g))

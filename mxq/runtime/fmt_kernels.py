@@ -1,4 +1,4 @@
-"""Expert kernels for every mxq format (issue 8): decode GEMVs and grouped prefill GEMMs that read each
+"""Expert kernels for every mxq format: decode GEMVs and grouped prefill GEMMs that read each
 format's packed bytes directly, and layers whose experts are in several formats.
 
 Formats (docs/formats.md for the byte layouts; docs/runtime.md, "Expert formats", for the decoders):

@@ -1,4 +1,4 @@
-"""Router statistics and super experts from calibration text (issue 4); see docs/stats.md."""
+"""Router statistics and super experts from calibration text; see docs/stats.md."""
 from .cache import model_hash
 from .collect import collect, collect_or_load
 from .observer import RouterObserver

@@ -3,8 +3,8 @@
 It implements the ``MoEObserver`` protocol of docs/architecture.md. Why it looks the way it does:
 * Vectorised, and without a host sync: counts, gate mass, co-selection and per-domain splits are one
   ``index_add_`` each on flattened (expert, domain) keys; nothing calls ``.item()``/``.tolist()`` or
-  boolean-indexes, so the GPU is never stalled by the observer (issue 4, item 6).
-* Accumulators are float64 on the model's device (methods.md: "Accumulate in float64").
+  boolean-indexes, so the GPU is never stalled by the observer.
+* Accumulators are float64 on the model's device: fp32 sums over millions of tokens lose the small terms.
 * Per-domain: every token carries its sequence's domain index, and every accumulator has a domain axis;
   whole-set statistics are sums (or maxima) over that axis, so the split costs no second pass.
 * Padding (``valid`` False) is masked with ``torch.where``, never multiplied, so a non-finite value on a

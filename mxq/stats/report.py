@@ -1,7 +1,7 @@
 """``write_report(stats, run_dir)``: ``router_stats.md``, the statistics a person reads before pruning.
 
 Built only from a ``RouterStats`` (itself loadable from the run folder), so it can be regenerated from
-the saved files (style rule 10).
+the saved files at any later time.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``RouterStats``: what the router and experts did on calibration text, per (layer, expert) and per domain.
 
-This is the one input of every pruning and mixed-precision planner. Scores (methods.md):
+This is the one input of every pruning and mixed-precision planner. Scores:
 * ``freq``: tokens whose top-k contains e (``freq_fraction`` = freq / tokens, sums to k per layer);
 * ``gate_mass``: sum over tokens of g_e(x) (0 for tokens not routed to e);
 * ``reap``: mean over routed tokens of g_e(x) * ||f_e(x)||_2 (Lasby et al., REAP, arXiv 2510.13999);
@@ -10,7 +10,7 @@ This is the one input of every pruning and mixed-precision planner. Scores (meth
 * ``coselect[l, a, b]``: tokens whose top-k holds both a and b (the diagonal equals ``freq``).
 An expert that received no calibration token is ``uncalibrated``: its mean and maxima are NaN (there is
 nothing to average), its sums are the true empty sums (0), and it is listed in the JSON summary, so that
-"never seen" cannot be mistaken for "unimportant" (methods.md pain point 3).
+"never seen" cannot be mistaken for "unimportant" (a score of 0 would read as the least important expert).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A few experts emit rare, extreme outliers in their down_proj output; those outliers make the massive
 residual activations that attention sinks rely on, and pruning as few as three of them breaks a model.
-Criterion of the paper's profiling code, as summarised in methods.md: expert (l, e) is super when its
+Criterion of the paper's public profiling code: expert (l, e) is super when its
 maximum |f_e(x)| over calibration tokens and channels is above the 99.5th percentile of all experts'
 maxima AND above 1/10 of the largest maximum, considering only the first 75% of layers. All three
 numbers are configurable (``recipe.super_experts``); uncalibrated experts have no maximum and are skipped.
@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 log = logging.getLogger("mxq.stats")
@@ -41,13 +42,8 @@ class SuperExpertConfig:
             return cfg
         if cfg is None or cfg is True:
             return cls()
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(cfg, DictConfig):
-                cfg = OmegaConf.to_container(cfg, resolve=True)
-        except ImportError:  # pragma: no cover
-            pass
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
         if not isinstance(cfg, Mapping):
             log.info("super_experts=%r is not a mapping of detection settings; using the defaults", cfg)
             return cls()

@@ -5,7 +5,8 @@ PART is one of
   checkpoint and by transformers (``GptOssForCausalLM`` + ``Mxfp4Config(dequantize=True)``) on the same
   windows, plus a unigram model (add-one smoothed token frequencies of the train split, same tokenizer)
   scored on the same target tokens. Windows: 512 tokens (the training length), disjoint except for the
-  one context token, no BOS (format spec 6.3), i.e. ``mxq.evaluate.perplexity.sliding_windows(n, 512, 512)``.
+  one context token, no BOS (as lm-eval's HF backend feeds it), i.e.
+  ``mxq.evaluate.perplexity.sliding_windows(n, 512, 512)``.
 * ``routing``: per-domain expert-frequency distributions on held-out windows and their per-layer
   Jensen-Shannon divergences (``mxq.train.routing``).
 * ``lmeval``: the local lm-eval tasks through mxq's lm-eval backend (``MxqLM``) and/or, as a

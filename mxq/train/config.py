@@ -4,7 +4,7 @@ The defaults are the shipped model's run (``mxq/assets/tiny``, chosen by ``pytho
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -41,7 +41,3 @@ class TrainConfig:
             raise ValueError(f"qat_steps {self.qat_steps} exceeds steps {self.steps}")
         if self.batch_size % 4:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of 4 (equal domain mixing)")
-
-    @classmethod
-    def field_types(cls) -> dict[str, Any]:
-        return {f.name: f.type for f in fields(cls)}

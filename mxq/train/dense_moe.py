@@ -7,11 +7,12 @@ model (E = 32, H = 192, I = 128) it is far cheaper to evaluate all E experts den
 batched matmuls and multiply by a [N, E] weight matrix that is zero outside each token's top-k
 (94.6 ms a step for one run alone on the same H100).
 
-Same math as the reference MoE (spec 4.5-4.7): top-k on the router logits, softmax over the k, clamped
-SwiGLU, down bias added before weighting. Experts outside the top-k get weight exactly 0, so their
-outputs and gradients vanish just as if they had not been run. ``tests/test_train_smoke.py`` checks the
-outputs against ``MoE.forward``. It is installed only on models whose experts are ``DenseExperts`` and
-only by the training code; checkpoints and every other user of the model see the reference MoE.
+Same math as the reference MoE (openai/gpt-oss ``gpt_oss/torch/model.py::MLPBlock``): top-k on the router
+logits, softmax over the k, clamped SwiGLU, down bias added before weighting. Experts outside the top-k get
+weight exactly 0, so their outputs and gradients vanish just as if they had not been run.
+``tests/test_train_smoke.py`` checks the outputs against ``MoE.forward``. It is installed only on models whose
+experts are ``DenseExperts`` and only by the training code; checkpoints and every other user of the model see
+the reference MoE.
 """
 from __future__ import annotations
 

@@ -12,21 +12,16 @@ def write_log(log: dict[str, Any], out_dir: str | Path) -> list[Path]:
     path = out / "training_log.json"
     path.write_text(json.dumps(log, indent=1, default=str) + "\n")
     written = [path]
-    png = plot_losses(log, out / "loss.png")
-    if png is not None:
-        written.append(png)
+    written.append(plot_losses(log, out / "loss.png"))
     return written
 
 
-def plot_losses(log: dict[str, Any], path: Path) -> Path | None:
-    """Loss curves; returns None (and writes nothing) when matplotlib is not installed."""
-    try:
-        import matplotlib
+def plot_losses(log: dict[str, Any], path: Path) -> Path:
+    """Loss curves (train, calibration, held-out, balancing loss) as a PNG."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, (ax, ax_aux) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [r["step"] for r in log["train"]]
     ax.plot(steps, [r["loss"] for r in log["train"]], label="train (batch mean)", lw=1)

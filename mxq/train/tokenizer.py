@@ -1,11 +1,11 @@
 """Train the embedded model's byte-level BPE tokenizer: ``python -m mxq.train.tokenizer OUT_DIR``.
 
-It is built like gpt-oss's o200k_harmony tokenizer (format spec 6.1), only smaller: the o200k split regex,
-then byte-level BPE, a ByteLevel decoder and a post-processor that inserts no BOS/EOS. Vocabulary: exactly
-``VOCAB_SIZE`` = 6144 (the ``tiny`` preset's ``vocab_size``): id 0 ``<|endoftext|>`` (pad and eos), id 1
-``<|startoftext|>`` (bos), then the 256 byte symbols, then merges. Trained on the corpus ``train`` split
-only, so held-out text never shaped the vocabulary either. The result is deterministic (checked by
-``tests/test_tokenizer_tiny.py`` against the shipped file).
+It is built like gpt-oss's o200k_harmony tokenizer (openai/gpt-oss ``gpt_oss/tokenizer.py``), only smaller: the
+o200k split regex, then byte-level BPE, a ByteLevel decoder and a post-processor that inserts no BOS/EOS.
+Vocabulary: exactly ``VOCAB_SIZE`` = 6144 (the ``tiny`` preset's ``vocab_size``): id 0 ``<|endoftext|>`` (pad
+and eos), id 1 ``<|startoftext|>`` (bos), then the 256 byte symbols, then merges. Trained on the corpus
+``train`` split only, so held-out text never shaped the vocabulary either. The result is deterministic (checked
+by ``tests/test_tokenizer_tiny.py`` against the shipped file).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""Small real run folders for tests, the benchmark and the notebook: a synthetic tiny checkpoint, a
-"compressed" variant of it, and ``evaluate`` + ``write_run_outputs`` on each.
+"""Small real run folders for the evaluation tests: a model evaluated as is, and a "compressed" variant of it
+(experts re-quantized with noise), each through the real ``evaluate`` + ``write_run_outputs``.
 
-Why here and not in tests/: the notebook test, the ablation tests and ``bench/eval_quick.py`` all need the
-same folders, and they must come from the real ``evaluate`` (no hand-written metrics.json), so that
-reports are always exercised on what a run really writes.
+The folders come from the real pipeline (no hand-written metrics.json), so the reports are always exercised on
+what a run really writes. Imported by tests/test_eval_outputs.py and tests/test_eval_accuracy.py (pytest puts
+tests/ on ``sys.path``).
 """
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+
+from mxq import load_model, load_tokenizer
+from mxq.evaluate import evaluate, write_run_outputs
+from mxq.formats import get_format
 
 # Small enough for CPU tests (seconds), still every kind of number.
 TEST_EVAL: dict[str, Any] = {
@@ -25,22 +30,10 @@ TEST_EVAL: dict[str, Any] = {
 }
 
 
-def tiny_checkpoint(out: str | Path, layers: int = 2, seed: int = 0, experts: str = "mxfp4") -> Path:
-    """A synthetic checkpoint of the tiny preset (exact gpt-oss layout) with ``layers`` layers."""
-    from ..synth import synth
-
-    out = Path(out)
-    if (out / "config.json").is_file():
-        return out
-    return synth(out, "tiny", experts, seed, "cpu", overrides={"num_hidden_layers": layers})
-
-
 @torch.no_grad()
 def requantize_with_noise_(model, noise: float = 0.25, fmt: str = "mxfp4", seed: int = 0) -> None:
     """Stand-in for a compression recipe: every expert dequantized, perturbed by Gaussian noise of
     ``noise`` x its RMS, and re-packed in ``fmt`` (mxq.formats), in place."""
-    from ..formats import get_format
-
     f = get_format(fmt)
     g = torch.Generator().manual_seed(seed)
     for layer in model.layers:
@@ -56,9 +49,6 @@ def requantize_with_noise_(model, noise: float = 0.25, fmt: str = "mxfp4", seed:
 def make_run(ckpt: str | Path, run_dir: str | Path, recipe: str = "baseline", eval_cfg: dict | None = None,
              noise: float = 0.0, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Load ``ckpt``, optionally perturb its experts, evaluate against ``ckpt``, write the run outputs."""
-    from .. import load_model, load_tokenizer
-    from .pipeline import evaluate, write_run_outputs
-
     cfg = dict(eval_cfg or TEST_EVAL)
     if cache_dir is not None:
         cfg["cache_dir"] = str(cache_dir)
@@ -76,10 +66,8 @@ def make_run(ckpt: str | Path, run_dir: str | Path, recipe: str = "baseline", ev
 
 
 def fake_router_stats(run_dir: str | Path, layers: int, experts: int, seed: int = 0) -> Path:
-    """router_stats.safetensors with a ``freq`` [L, E] tensor (rows sum to 1), for notebooks and tests
-    when no statistics were collected."""
-    from safetensors.torch import save_file
-
+    """router_stats.safetensors with a ``freq`` [L, E] tensor (rows sum to 1), for a run folder whose
+    report should show the routing plot without collecting statistics."""
     g = torch.Generator().manual_seed(seed)
     freq = torch.rand(layers, experts, generator=g) ** 3
     freq = freq / freq.sum(dim=1, keepdim=True)
