@@ -14,6 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
+from .options import positive_float
 from .plan import Plan, export_checkpoint
 from .plan.sources import open_source
 
@@ -30,11 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mxq.dequantize", description=__doc__.split("\n\n")[0])
     ap.add_argument("src", type=Path, help="checkpoint folder (HF, original/ or mxq layout)")
     ap.add_argument("out", type=Path, help="output folder (must not exist unless --overwrite)")
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--shard-gb", type=float, default=None, help="shard size in GB (default 2)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace OUT if it is a checkpoint made only of files mxq writes (anything else is refused)")
+    ap.add_argument("--shard-gb", type=positive_float, default=None, help="shard size in GB, > 0 (default 2)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    shard = int(a.shard_gb * 1e9) if a.shard_gb else None
+    shard = max(1, int(a.shard_gb * 1e9)) if a.shard_gb is not None else None
     out = dequantize(a.src, a.out, a.overwrite, shard)
     print(f"wrote {out} (bf16 experts) in {time.perf_counter() - t0:.1f} s")
 

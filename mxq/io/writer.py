@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
-from safetensors.torch import save_file
+
+from ..atomic import finish_dir, partial_name, remove_stale_partials, save_safetensors_atomic
+from .owned import check_replaceable
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 MXFP4_QUANT_CONFIG = {
@@ -25,17 +26,24 @@ MXFP4_QUANT_CONFIG = {
 
 
 class AtomicFolder:
-    """``with AtomicFolder(out) as tmp:`` write into ``tmp``; renamed to ``out`` only on success."""
+    """``with AtomicFolder(out) as tmp:`` write into ``tmp``; renamed to ``out`` only on success.
+
+    ``overwrite`` replaces only a folder that ``mxq.io.owned.check_replaceable`` accepts (a checkpoint made of
+    files mxq writes), never anything else. Staging folders left by killed writers are removed on entry.
+    """
 
     def __init__(self, out_dir: str | Path, overwrite: bool = False):
         self.out = Path(out_dir)
         self.overwrite = overwrite
-        self.tmp = self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
+        self.tmp = partial_name(self.out)
 
     def __enter__(self) -> Path:
         if self.out.exists() and not self.overwrite:
             raise FileExistsError(f"{self.out}: already exists (pass overwrite=True to replace it)")
+        if self.overwrite:
+            check_replaceable(self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(self.out)
         self.tmp.mkdir()
         return self.tmp
 
@@ -43,13 +51,7 @@ class AtomicFolder:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        finish_dir(self.tmp, self.out, replace=self.overwrite)
 
 
 Unit = tuple[dict[str, torch.Tensor], dict[str, str]]
@@ -57,7 +59,7 @@ SaveFn = Callable[[Path, dict[str, torch.Tensor], dict[str, str]], None]
 
 
 def _save_with_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    save_file(tensors, str(path), metadata=metadata)
+    save_safetensors_atomic(path, tensors, metadata)
 
 
 def write_unit_shards(folder: Path, units: Iterable[Unit], shard_bytes: int = DEFAULT_SHARD_BYTES,
