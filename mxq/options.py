@@ -72,6 +72,9 @@ RUN_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "batch_size": _int_at_least(1),
     "seed": _int_at_least(0),
     "generate.max_new_tokens": _int_at_least(0),
+    "eval.perplexity.batch_size": _int_at_least(1),
+    "eval.lm_eval.batch_size": _int_at_least(1),
+    "eval.speed.repeats": _int_at_least(1),
 }
 
 

@@ -78,11 +78,11 @@ def make_run(ckpt: str | Path, run_dir: str | Path, recipe: str = "baseline", ev
 def fake_router_stats(run_dir: str | Path, layers: int, experts: int, seed: int = 0) -> Path:
     """router_stats.safetensors with a ``freq`` [L, E] tensor (rows sum to 1), for notebooks and tests
     when no statistics were collected."""
-    from safetensors.torch import save_file
+    from ..atomic import save_safetensors_atomic
 
     g = torch.Generator().manual_seed(seed)
     freq = torch.rand(layers, experts, generator=g) ** 3
     freq = freq / freq.sum(dim=1, keepdim=True)
     path = Path(run_dir) / "router_stats.safetensors"
-    save_file({"freq": freq.contiguous()}, str(path))
+    save_safetensors_atomic(path, {"freq": freq.contiguous()})
     return path

@@ -216,11 +216,10 @@ class Plan:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temporary file, rename), so a crash never leaves half a plan.json."""
+        from ..atomic import write_atomic
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        write_atomic(path, self.to_json())
         return path
 
     @classmethod
