@@ -173,7 +173,6 @@ def _outputs(ctx: RunContext) -> None:
 
 def run(cfg: DictConfig, run_dir: Path) -> RunContext:
     """Run every stage into ``run_dir`` (claimed first: see ``mxq.rundir``); errors are logged to run.log too."""
-    from . import rundir
     from .options import check_run_options
 
     run_dir = Path(run_dir)
@@ -182,8 +181,9 @@ def run(cfg: DictConfig, run_dir: Path) -> RunContext:
     rundir.claim(run_dir, bool(opts.get("overwrite", False)), bool(opts.get("resume", False)), cfg_yaml)
     handler = _file_log(run_dir)
     try:
+        write_atomic(run_dir / "resolved_config.yaml", cfg_yaml)
         check_run_options(cfg)
-        ctx = _run_stages(cfg, run_dir, cfg_yaml)
+        ctx = _run_stages(cfg, run_dir)
     except BaseException as e:
         log.error("run failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, (ValueError, KeyboardInterrupt)))
         rundir.fail(run_dir, e)
@@ -210,11 +210,10 @@ def _file_log(run_dir: Path) -> logging.Handler | None:
     return h
 
 
-def _run_stages(cfg: DictConfig, run_dir: Path, cfg_yaml: str) -> RunContext:
+def _run_stages(cfg: DictConfig, run_dir: Path) -> RunContext:
     torch.manual_seed(cfg.seed)
     device, dtype = resolve_device(cfg)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device, dtype=dtype)
-    write_atomic(run_dir / "resolved_config.yaml", cfg_yaml)
     cuda = device.type == "cuda"
     gpu_peak: dict[str, int] = {}
     t_run = time.perf_counter()

@@ -106,7 +106,8 @@ def claim(run_dir: str | Path, overwrite: bool = False, resume: bool = False, cf
     if overwrite and resume:
         raise RunDirError("run.overwrite and run.resume are exclusive: choose one")
     marker = _read_marker(run_dir)
-    if marker.get("pid") == os.getpid() and marker.get("host") == socket.gethostname():
+    if (marker.get("pid") == os.getpid() and marker.get("host") == socket.gethostname()
+            and marker.get("status") == "running"):
         return                                                      # claimed earlier by this process
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: exists and is not a folder")
@@ -180,4 +181,7 @@ class RunDirGuard(Callback):
                 OmegaConf.to_container(OmegaConf.masked_copy(config, list(task)), resolve=True)))
         except Exception:           # an interpolation that only resolves inside the job: compare later
             cfg_yaml = None
-        claim(run_dir, bool(opts.get("overwrite", False)), bool(opts.get("resume", False)), cfg_yaml)
+        try:
+            claim(run_dir, bool(opts.get("overwrite", False)), bool(opts.get("resume", False)), cfg_yaml)
+        except RunDirError as e:     # Hydra turns a callback's Exception into a warning and goes on: exit here
+            raise SystemExit(f"Error: {e}") from None
