@@ -117,10 +117,20 @@ def test_exclusive_marker_lets_only_one_of_two_claims_win(tmp_path, monkeypatch)
 def test_default_run_folder_is_unique_per_process():
     cfg = (Path(RECIPES) / "run.yaml").read_text()
     assert "_${mxq_uid:}" in cfg.split("run:\n    dir:")[1].splitlines()[0]
-    code = "from mxq.rundir import uid; print(uid())"
-    uids = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.strip() for _ in range(3)}
+    import importlib.util
+
+    uids = set()
+    for i in range(3):          # a fresh import of the module is what a new process does
+        spec = importlib.util.spec_from_file_location(f"_rundir_copy{i}", ROOT / "mxq" / "rundir.py",
+                                                      submodule_search_locations=None)
+        mod = importlib.util.module_from_spec(spec)
+        mod.__package__ = "mxq"
+        spec.loader.exec_module(mod)
+        uids.add(mod.uid())
     assert len(uids) == 3 and all(len(u) == 6 for u in uids)
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.create({"d": "x_${mxq_uid:}"}).d == f"x_{rundir.uid()}"
 
 
 def test_cli_refuses_before_hydra_writes_into_the_folder(tmp_path):
