@@ -21,8 +21,16 @@ from .plan.sources import open_source
 
 def dequantize(src_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
                shard_bytes: int | None = None) -> Path:
-    """Write ``src_dir`` as a bf16 HF checkpoint in ``out_dir`` (attention and lm_head bf16 as well)."""
+    """Write ``src_dir`` as a bf16 HF checkpoint in ``out_dir`` (attention and lm_head bf16 as well).
+
+    Every tensor of ``src_dir`` is checked first (``mxq.validate_weights``): NaN/Inf or an MXFP4 scale byte
+    0xFF is refused, naming layer, expert and tensor (the bf16 conversion could not carry them anyway: the
+    formats refuse non-finite weights)."""
+    from .io.reader import resolve_source
+    from .validate_weights import require_valid
+
     cfg = open_source(src_dir).config
+    require_valid(resolve_source(src_dir), option=None)
     plan = Plan.uniform(cfg.num_hidden_layers, cfg.num_local_experts, "bf16", planner="dequantize")
     return export_checkpoint(src_dir, plan, out_dir, overwrite=overwrite, shard_bytes=shard_bytes)
 

@@ -22,6 +22,7 @@ import logging
 import math
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -98,7 +99,7 @@ def packed_check(fmt: str, tensor: str, t: Tensor) -> Check | None:
     return float_issues if t.is_floating_point() else None
 
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|block)\.(\d+)\.")
 _PER_EXPERT = re.compile(r"\.mlp\.(?:router\.|experts\.(?:gate_up_bias|down_bias|gate_up_weight|down_weight)$)")
 
 
@@ -155,22 +156,65 @@ def check_model(model: torch.nn.Module, max_abs: float = FP16_MAX) -> tuple[list
     return problems, n
 
 
-def require_valid(model: torch.nn.Module, allow: bool = False, max_abs: float = FP16_MAX) -> dict:
-    """``check_model``, then raise ``WeightError`` on any problem unless ``allow`` (then a warning).
+_STACKED_FILE = re.compile(r"\.mlp\.(?:router\.|experts\.(?:gate_up_proj|down_proj)|mlp[12]_)|\.gate\.")
+_EXPERT_IN_NAME = re.compile(r"\.experts\.(\d+)\.")
+
+
+def check_checkpoint(folder: str | Path, max_abs: float = FP16_MAX) -> tuple[list[Problem], int]:
+    """The same checks on a checkpoint folder's tensors, read one at a time from disk (any layout mxq reads:
+    HF, original/, mxq). Used where no model is loaded (``mxq.dequantize``)."""
+    from safetensors import safe_open
+
+    from .io.safetensors_io import scan_folder
+
+    folder = Path(folder)
+    if not any(folder.glob("*.safetensors")) and (folder / "original").is_dir():
+        folder = folder / "original"
+    problems: list[Problem] = []
+    n = 0
+    for name, info in sorted(scan_folder(folder).items()):
+        floating = not info.dtype.startswith(("U", "I", "BOOL"))
+        e8m0 = info.dtype == "U8" and name.endswith("scales")           # only MXFP4 stores u8 scales
+        if not (floating or e8m0):
+            continue
+        with safe_open(str(info.file), framework="pt") as f:
+            t = f.get_tensor(name)
+        n += 1
+        found = (e8m0_issues if e8m0 else float_issues)(t, max_abs)
+        if found is None:
+            continue
+        issue, mask = found
+        idx = _first(mask)
+        m, me = _LAYER.search(name), _EXPERT_IN_NAME.search(name)
+        expert = int(me.group(1)) if me else (idx[0] if _STACKED_FILE.search(name) and idx else None)
+        problems.append(Problem(f"{name} ({info.file.name})", int(m.group(1)) if m else None, expert, issue, idx))
+        del t
+    return problems, n
+
+
+def require_valid(model: "torch.nn.Module | str | Path", allow: bool = False, max_abs: float = FP16_MAX,
+                  option: str | None = "validate.allow_nonfinite=true") -> dict:
+    """``check_model`` (or ``check_checkpoint`` for a folder), then raise ``WeightError`` on any problem
+    unless ``allow`` (then a warning). ``option`` is what the message tells the user to pass to proceed
+    (None: no way to proceed is offered).
 
     Returns a JSON-ready record for run_meta.json: tensors checked, max_abs, allow flag, problems.
     """
-    problems, n = check_model(model, max_abs)
+    if isinstance(model, (str, Path)):
+        problems, n = check_checkpoint(model, max_abs)
+        src = str(model)
+    else:
+        problems, n = check_model(model, max_abs)
+        src = getattr(model, "source", None) or "the model"
     record = {"tensors_checked": n, "max_abs": max_abs, "allow_nonfinite": bool(allow),
               "problems": [asdict(p) | {"message": str(p)} for p in problems]}
     if not problems:
         return record
-    src = getattr(model, "source", None) or "the model"
     listed = "\n  ".join(str(p) for p in problems[:MAX_LISTED])
     more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
     head = f"{src}: {len(problems)} damaged weight tensor(s):\n  {listed}{more}"
     if not allow:
-        raise WeightError(head + "\nRefusing to run on them. For research on damaged models pass "
-                          "validate.allow_nonfinite=true (recorded in run_meta.json).")
-    log.warning("%s\nproceeding because validate.allow_nonfinite=true", head)
+        hint = f" For research on damaged models pass {option}." if option else ""
+        raise WeightError(head + "\nRefusing to work on them." + hint)
+    log.warning("%s\nproceeding because of %s", head, option)
     return record

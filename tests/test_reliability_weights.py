@@ -87,6 +87,21 @@ def test_run_refuses_damaged_model_before_stats(ckpt, tmp_path):
     assert (out / ".incomplete").exists() and "WeightError" in (out / "run.log").read_text()
 
 
+def test_run_with_allow_records_the_problems_in_run_meta(ckpt, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from mxq.run import RECIPES, run
+
+    bad = damage(ckpt, tmp_path / "bad", "model.layers.1.mlp.experts.gate_up_proj_bias", (11, 2), float("inf"))
+    with initialize_config_dir(config_dir=RECIPES, version_base=None):
+        cfg = compose("run", overrides=["recipe=baseline", f"model.path={bad}", "eval=none", "generate.max_new_tokens=0",
+                                        "validate.allow_nonfinite=true", f"cache_dir={tmp_path / 'cache'}"])
+    run(cfg, tmp_path / "run")
+    w = json.loads((tmp_path / "run" / "run_meta.json").read_text())["weights"]
+    assert w["allow_nonfinite"] is True and [(p["layer"], p["expert"]) for p in w["problems"]] == [(1, 11)]
+    assert "gate_up_bias" in w["problems"][0]["message"]
+
+
 def test_quantizer_error_names_layer_expert_and_tensor(ckpt):
     from mxq.plan import Plan, apply_
 
@@ -112,3 +127,13 @@ def test_metrics_json_is_standard_json(tmp_path):
 
     d = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
     assert d["accuracy"]["perplexity"]["mean"] is None and d["speed"]["decode_tokens_per_s"] is None
+
+
+def test_dequantize_checks_the_source_first(ckpt, tmp_path):
+    """mxq.dequantize loads no model: the same checks run on the checkpoint's tensors before any output."""
+    from mxq.dequantize import dequantize
+
+    bad = damage(ckpt, tmp_path / "bad", "model.layers.0.mlp.experts.gate_up_proj_scales", (9, 0, 0), 255)
+    with pytest.raises(WeightError, match=r"layer 0, expert 9, model\.layers\.0\.mlp\.experts\.gate_up_proj_scales"):
+        dequantize(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
