@@ -1,13 +1,67 @@
-"""Writes that readers never see half done: whole files (``write_atomic``, ``write_safetensors_atomic``) and
-whole folders (``AtomicFolder``). Every file written is 0644."""
+"""Whole-file and whole-folder writes that readers never see half done (the project rule for every output).
+
+* ``write_atomic(path, data)``: one file (text or bytes).
+* ``save_safetensors_atomic(path, tensors, metadata)``: one safetensors file through the library's writer.
+* ``staged_dir(path)``: a folder built under a hidden sibling name and renamed into place when complete.
+
+All three leave files with the mode ``open()`` would give (0644 under the default umask 022) and folders
+0755: ``tempfile.mkstemp``/``mkdtemp`` and ``safetensors.torch.save_file`` create 0600/0700, which makes a
+shared cache or an export unreadable to the rest of a group. Temporary names carry the writer's pid, so
+leftovers of a killed writer can be told from those of a live concurrent one (``stale_partials``).
+"""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
-from typing import Any
+from typing import Iterator
+
+log = logging.getLogger("mxq.atomic")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc), else via os.umask."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    cur = os.umask(0o022)
+    os.umask(cur)
+    return cur
+
+
+def file_mode() -> int:
+    """Mode of a new regular file: what ``open(path, "w")`` gives (0644 under umask 022)."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """Mode of a new folder: what ``mkdir`` gives (0755 under umask 022)."""
+    return 0o777 & ~_umask()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist a rename: fsync the folder that holds the entry (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:
@@ -19,70 +73,118 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should stay readable
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
-def write_safetensors_atomic(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` into a temp file beside ``path``, made 0644 and fsynced, then renamed.
-
-    The library creates its file 0600; every file mxq writes is 0644 like the rest of a checkpoint folder.
-    """
+def save_safetensors_atomic(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` into a temp file beside ``path``, made 0644, fsynced and renamed."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, file_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
-class AtomicFolder:
-    """``with AtomicFolder(out) as tmp:`` write into ``tmp``; renamed to ``out`` only on success.
+def partial_name(path: Path, kind: str = "partial") -> Path:
+    """Hidden sibling ``.NAME.partial-PID-RANDOM`` where a folder is built before its rename into ``path``."""
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{os.urandom(4).hex()}"
 
-    The temporary folder is hidden beside ``out`` (same filesystem, so the rename is atomic); on an error
-    it is removed and ``out`` is untouched. With ``overwrite`` an existing ``out`` is moved aside, the new
-    folder renamed in, and the old one deleted: at no moment does ``out`` hold a mix of the two.
+
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|tmp)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_partials(path: Path) -> list[Path]:
+    """Leftover staging folders of ``path`` (``.NAME.partial-PID-*``, ``.NAME.old-PID-*``) whose writer is
+    no longer running (a SIGKILL or power loss mid-write); a live writer's folder is never listed."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    out = []
+    for p in path.parent.iterdir():
+        m = _PARTIAL.match(p.name)
+        if m and m["name"] == path.name and not _alive(int(m["pid"])):
+            out.append(p)
+    return sorted(out)
+
+
+def remove_stale_partials(path: Path) -> list[Path]:
+    """Delete ``stale_partials(path)`` with a warning naming each one; returns what was removed."""
+    gone = stale_partials(path)
+    for p in gone:
+        log.warning("removing %s: staging folder of a writer (pid %s) that died before finishing", p,
+                    _PARTIAL.match(p.name)["pid"])
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return gone
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | Path, replace: bool = False) -> Iterator[Path]:
+    """``with staged_dir(out) as tmp:`` build the folder in ``tmp``; on success it is renamed to ``out``.
+
+    On an exception ``tmp`` is deleted and ``out`` untouched. With ``replace`` an existing ``out`` is swapped
+    out (renamed aside, then deleted) only after the new folder is complete; without it an existing ``out``
+    is an error. Stale staging folders of ``out`` from killed writers are removed first.
     """
+    out = Path(path)
+    if out.exists() and not replace:
+        raise FileExistsError(f"{out}: already exists")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
+    tmp = partial_name(out)
+    tmp.mkdir(mode=0o777)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finish_dir(tmp, out, replace)
 
-    def __init__(self, out_dir: str | Path, overwrite: bool = False):
-        self.out = Path(out_dir)
-        self.overwrite = overwrite
-        self.tmp = self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
 
-    def __enter__(self) -> Path:
-        if self.out.exists() and not self.overwrite:
-            raise FileExistsError(f"{self.out}: already exists (pass overwrite=True to replace it)")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
-        os.chmod(self.tmp, 0o755)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+def finish_dir(tmp: Path, out: Path, replace: bool = False) -> None:
+    """Rename a complete staging folder ``tmp`` into ``out`` (swapping an existing one out if ``replace``)."""
+    os.chmod(tmp, dir_mode())
+    old = None
+    if out.exists():
+        if not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{out}: already exists")
+        old = partial_name(out, "old")
+        os.rename(out, old)
+    os.rename(tmp, out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

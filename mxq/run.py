@@ -1,13 +1,12 @@
 """``python -m mxq.run recipe=NAME [model.path=DIR] [eval=quick]``: the whole pipeline in one command.
 
 Stages run in order from a registry; each reads and extends one ``RunContext``:
-load -> validate -> stats -> plan (build, save, apply, export) -> generate -> evaluate -> outputs.
+load -> validate -> stats -> plan (build, save, apply, export) -> reload -> generate -> evaluate -> outputs.
 Deciding (planners) is kept apart from doing (apply/export), and every stage writes self-describing
 files into the Hydra run folder, so reports are rebuilt from files, never from live objects.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import jsonout, rundir  # noqa: F401  (rundir registers the ${mxq_uid:} resolver of hydra.run.dir)
+from .atomic import write_atomic
 from .console import StageDisplay, quiet_libraries
 from .resources import RECIPES_SEARCH_PATH, recipes_dir
 
@@ -38,6 +39,7 @@ class RunContext:
     plan: Any = None
     metrics: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    weight_check: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -63,17 +65,19 @@ def _exports(ctx: RunContext) -> bool:
 
 
 def resolve_device(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
+    from .options import check_device
+
     dev = cfg.device
+    check_device("device", dev)
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(dev)
     dt = cfg.dtype
     if dt == "auto":
         dt = "bfloat16" if device.type == "cuda" else "float32"
-    try:
-        dtype = getattr(torch, dt)
-    except AttributeError:
-        raise ValueError(f"dtype={dt!r} is not a torch dtype (use auto, bfloat16, float16 or float32)") from None
+    dtype = getattr(torch, str(dt), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype={dt!r} is not a torch dtype (use auto, bfloat16, float16 or float32)")
     return device, dtype
 
 
@@ -90,11 +94,18 @@ def _load(ctx: RunContext) -> None:
              ctx.device, str(ctx.dtype).removeprefix("torch."))
 
 
-@stage("validate", when=lambda ctx: ctx.cfg.recipe.get("planner"))
+@stage("validate")
 def _validate(ctx: RunContext) -> None:
-    from .plan import validate
+    """Every weight read (finite, plausible scales) and, when the recipe plans, every recipe option."""
+    from .validate_weights import FP16_MAX, require_valid
 
-    validate(ctx.cfg.recipe, ctx.model.config)
+    v = ctx.cfg.get("validate") or {}
+    ctx.weight_check = require_valid(ctx.model, bool(v.get("allow_nonfinite", False)),
+                                     float(v.get("max_abs", FP16_MAX)))
+    if ctx.cfg.recipe.get("planner"):
+        from .plan import validate
+
+        validate(ctx.cfg.recipe, ctx.model.config)
 
 
 @stage("stats", when=lambda ctx: ctx.cfg.recipe.get("stats"))
@@ -150,7 +161,7 @@ def _generate(ctx: RunContext) -> None:
     out = ctx.model.generate(ids, max_new_tokens=g.max_new_tokens, eos_token_id=ctx.model.config.eos_token_id)
     dt = time.perf_counter() - t0
     text = ctx.tokenizer.decode(out[0], skip_special_tokens=False)
-    (ctx.run_dir / "generation.txt").write_text(text + "\n")
+    write_atomic(ctx.run_dir / "generation.txt", text + "\n")
     ctx.metrics["generation"] = {"prompt": g.prompt, "text": text, "new_tokens": int(out.shape[1] - ids.shape[1]),
                                  "seconds": round(dt, 4)}
     log.info("greedy generation (%d tokens, %.2f s): %r", out.shape[1] - ids.shape[1], dt, text)
@@ -183,11 +194,49 @@ def _outputs(ctx: RunContext) -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> RunContext:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Run every stage into ``run_dir`` (claimed first: see ``mxq.rundir``); errors are logged to run.log too."""
+    from .options import check_run_options
+
+    run_dir = Path(run_dir)
+    opts = cfg.get("run") or {}
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    rundir.claim(run_dir, bool(opts.get("overwrite", False)), bool(opts.get("resume", False)), cfg_yaml)
+    handler = _file_log(run_dir)
+    try:
+        write_atomic(run_dir / "resolved_config.yaml", cfg_yaml)
+        check_run_options(cfg)
+        ctx = _run_stages(cfg, run_dir)
+    except BaseException as e:
+        log.error("run failed: %s: %s", type(e).__name__, e,
+                  exc_info=not isinstance(e, (ValueError, KeyboardInterrupt)))
+        rundir.fail(run_dir, e)
+        raise
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    rundir.complete(run_dir)
+    return ctx
+
+
+def _file_log(run_dir: Path) -> logging.Handler | None:
+    """Send log records to ``run_dir/run.log`` unless a handler already writes there (Hydra's job logging)."""
+    target = (run_dir / "run.log").resolve()
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).resolve() == target:
+            return None
+    h = logging.FileHandler(target)
+    h.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(h)
+    if logging.getLogger("mxq").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("mxq").setLevel(logging.INFO)
+    return h
+
+
+def _run_stages(cfg: DictConfig, run_dir: Path) -> RunContext:
     torch.manual_seed(cfg.seed)
     device, dtype = resolve_device(cfg)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device, dtype=dtype)
-    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     cuda = device.type == "cuda"
     gpu_peak: dict[str, int] = {}
     t_run = time.perf_counter()
@@ -209,8 +258,9 @@ def run(cfg: DictConfig, run_dir: Path) -> RunContext:
 
     meta = {"env": environment(), "timings_s": ctx.timings, "wall_s": round(time.perf_counter() - t_run, 3),
             "gpu_peak_allocated_bytes": gpu_peak or None,
-            "calib_tokens": getattr(ctx.stats, "tokens", None), "run_dir": str(run_dir)}
-    (run_dir / "run_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            "calib_tokens": getattr(ctx.stats, "tokens", None), "run_dir": str(run_dir),
+            "weights": ctx.weight_check}
+    write_atomic(run_dir / "run_meta.json", jsonout.dumps(meta, indent=2) + "\n")
     return ctx
 
 

@@ -21,6 +21,7 @@ from .config import GptOssConfig
 from .formats.mxfp4 import quantize_mxfp4
 from .io.targets.hf import original_tensor_stream
 from .io.writer import MXFP4_QUANT_CONFIG, write_checkpoint, write_shards
+from .options import positive_int
 from .presets import preset_config
 
 TOKENIZER_KIND = {"tiny": "tiny", "gpt-oss-20b": "o200k_harmony", "gpt-oss-120b": "o200k_harmony"}
@@ -119,11 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--with-original", action="store_true", help="also write original/ (OpenAI layout)")
-    ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--layers", type=positive_int, default=None, help="override num_hidden_layers")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace OUT if it is a checkpoint made only of files mxq writes (anything else is refused)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    over = {"num_hidden_layers": a.layers} if a.layers else None
+    over = {"num_hidden_layers": a.layers} if a.layers is not None else None
     path = synth(a.out, a.preset, a.experts, a.seed, a.device, a.with_original, over, a.overwrite)
     n = sum(1 for _ in json.loads((path / "model.safetensors.index.json").read_text())["weight_map"])
     print(f"wrote {path} ({n} tensors) in {time.perf_counter() - t0:.1f} s")

@@ -33,19 +33,32 @@ def corpus_texts(cfg: CalibConfig) -> dict[str, str]:
 def _read_file(path: Path, text_field: str) -> str:
     if not path.is_file():
         raise CalibError(f"calibration file {path} does not exist")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise CalibError(f"calibration file {path}: only .txt and .jsonl are read, got {path.suffix!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibError(f"calibration file {path}: not UTF-8 text (byte {e.start}: {e.reason}); "
+                         "a binary file given as calibration text?") from None
+    if "\x00" in text:
+        raise CalibError(f"calibration file {path}: contains NUL bytes at offset {text.index(chr(0))}; "
+                         "a binary file given as calibration text?")
     if path.suffix == ".txt":
-        return path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        docs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        return text
+    docs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            if text_field not in row:
-                raise CalibError(f"{path}:{n} has no field {text_field!r} (calib.text_field); keys: {sorted(row)}")
-            docs.append(str(row[text_field]))
-        return "\n\n".join(docs)
-    raise CalibError(f"calibration file {path}: only .txt and .jsonl are read, got {path.suffix!r}")
+        except json.JSONDecodeError as e:
+            raise CalibError(f"{path}:{n}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise CalibError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
+        if text_field not in row:
+            raise CalibError(f"{path}:{n} has no field {text_field!r} (calib.text_field); keys: {sorted(row)}")
+        docs.append(str(row[text_field]))
+    return "\n\n".join(docs)
 
 
 def file_texts(cfg: CalibConfig) -> dict[str, str]:

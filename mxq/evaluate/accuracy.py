@@ -78,10 +78,10 @@ def heldout_accuracy(model, tokenizer, cfg: dict[str, Any], baseline_source: str
                                  "per_domain": {d: _kl_summary(*v) for d, v in per_dom.items()},
                                  "reference": ref.describe(), "direction": "KL(P_baseline || Q_model), nats"}
         if run_dir is not None:   # per-token values for the report's histogram (a few KB)
-            from safetensors.torch import save_file
+            from ..atomic import save_safetensors_atomic
 
-            save_file({d: v[0].float().contiguous() for d, v in per_dom.items()},
-                      str(Path(run_dir) / "kl_per_token.safetensors"))
+            save_safetensors_atomic(Path(run_dir) / "kl_per_token.safetensors",
+                                    {d: v[0].float().contiguous() for d, v in per_dom.items()})
     return out
 
 

@@ -31,7 +31,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from ..atomic import write_safetensors_atomic
+from ..atomic import write_atomic
+from ..cache_entry import entry_lock, load_tensor_entry, save_tensor_entry
 from ..model.attention import SinkAttention, inference_attention_impl
 from ..stats.cache import model_hash as stats_model_hash
 from .perplexity import Item, window_logprobs
@@ -99,14 +100,17 @@ class Reference:
         self.cached = False
         self._store: Tensor | None = None
         self._base = None
-        if self.mode == "disk-cache" and self.path.is_file():
-            from safetensors.torch import load_file
-
-            self._store, self.cached = load_file(str(self.path))["logprobs"], True
+        if self.mode == "disk-cache":
+            with entry_lock(self.path):     # concurrent runs: one computes the reference, the others read it
+                got = load_tensor_entry(self.path)
+                lp = (got or {}).get("logprobs")
+                if lp is not None and tuple(lp.shape) == (n_scored, like.config.vocab_size):
+                    self._store, self.cached = lp, True
+                else:
+                    self._base = self._load_baseline(folder)
+                    self._fill_cache()
         else:
             self._base = self._load_baseline(folder)
-            if self.mode == "disk-cache":
-                self._fill_cache()
 
     def _load_baseline(self, folder: Path):
         from ..io.reader import load_model
@@ -124,8 +128,7 @@ class Reference:
             self._base, self.items, self.batch_size, self.pad_id, self.progress, "KL reference")]
         self._store = torch.cat(parts).contiguous()                                            # [N, V]
         self.free()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_safetensors_atomic(self.path, {"logprobs": self._store}, {
+        save_tensor_entry(self.path, {"logprobs": self._store}, {
             "source": self.source, "model_hash": self.model_hash, "tokens_hash": self.tokens_hash,
             "version": str(CACHE_VERSION)})
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import jsonout
 from ..atomic import write_atomic
 from .metrics import SCHEMA_VERSION, missing_keys, precision
 
@@ -145,7 +146,7 @@ def write_run_outputs(run_dir: str | Path, metrics: dict[str, Any]) -> dict[str,
     missing = missing_keys(merged)
     if missing:
         raise ValueError(f"metrics for {run_dir} lack required keys {missing}")
-    write_atomic(path, json.dumps(merged, indent=2, default=str) + "\n")
+    write_atomic(path, jsonout.dumps(merged, indent=2, default=str) + "\n")
     write_csv(run_dir, merged)
     cfg = (merged.get("eval") or {}).get("config") or DEFAULTS
     write_report(run_dir, merged, plots=bool(cfg.get("report", {}).get("plots", True)))

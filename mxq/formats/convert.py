@@ -14,17 +14,18 @@ from .base import Packed
 from .registry import get_format
 
 
-def convert(p: Packed, target: str) -> Packed:
-    """``p`` in format ``target``: unchanged when it already is, else dequantize (fp32) and quantize."""
+def convert(p: Packed, target: str, name: str | None = None) -> Packed:
+    """``p`` in format ``target``: unchanged when it already is, else dequantize (fp32) and quantize.
+    ``name`` (the weight's checkpoint name) labels the quantizer's errors."""
     if p.format == target:
         return p
-    return get_format(target).quantize(get_format(p.format).dequantize(p, torch.float32))
+    return get_format(target).quantize(get_format(p.format).dequantize(p, torch.float32), name=name)
 
 
-def quantize_dense(w: Tensor, fmt: str) -> Packed:
+def quantize_dense(w: Tensor, fmt: str, name: str | None = None) -> Packed:
     """A dense [out, in] weight (attention projection, lm_head) packed in ``fmt``."""
     w = w.detach()
-    return get_format(fmt).quantize(w if w.dtype in (torch.float32, torch.bfloat16) else w.float())
+    return get_format(fmt).quantize(w if w.dtype in (torch.float32, torch.bfloat16) else w.float(), name=name)
 
 
 def relative_errors(weights: list[Tensor], source_format: str, menu: list[str]) -> list[float]:

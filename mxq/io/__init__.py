@@ -2,8 +2,7 @@
 from .targets.hf import save_model
 from .reader import Checkpoint, load_model, open_checkpoint
 from .safetensors_io import CheckpointError
-from ..atomic import AtomicFolder
-from .writer import write_checkpoint
+from .writer import AtomicFolder, write_checkpoint
 
 __all__ = ["AtomicFolder", "Checkpoint", "CheckpointError", "load_model", "open_checkpoint", "save_model",
            "write_checkpoint"]

@@ -31,6 +31,7 @@ from ..config import ConfigError, GptOssConfig
 from ..formats import FormatError, Packed, get_format
 from .layout import check_tensors, hf_tensors
 from .params import set_param
+from .paths import confined
 from .safetensors_io import DTYPE_SIZES, CheckpointError, read_header, read_json, scan_folder
 
 MANIFEST = "mxq_manifest.json"
@@ -93,8 +94,12 @@ class MxqSource:
     # ------------------------------------------------------------------ validation
     def _check_files(self) -> None:
         listed = self.manifest.get("files") or {}
+        if not isinstance(listed, dict):
+            raise CheckpointError(f"{self.folder / MANIFEST}: 'files' must map file names to sizes and hashes")
         for name, info in listed.items():
-            p = self.folder / name
+            p = confined(self.folder, name, self.folder / MANIFEST)
+            if not isinstance(info, dict):
+                raise CheckpointError(f"{self.folder / MANIFEST}: entry {name!r} is not an object")
             if not p.exists():
                 raise CheckpointError(f"{p}: listed in {MANIFEST} but missing")
             if p.stat().st_size != info.get("bytes"):
@@ -186,8 +191,12 @@ def verify(folder: str | Path) -> None:
     """Check every file's SHA-256 against the manifest (a full read; loading checks sizes only)."""
     folder = Path(folder)
     m = read_json(folder / MANIFEST)
-    for name, info in (m.get("files") or {}).items():
-        got = sha256(folder / name)
+    files = m.get("files") or {}
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{folder / MANIFEST}: 'files' must map file names to sizes and hashes")
+    paths = {name: confined(folder, name, folder / MANIFEST) for name in files}    # all checked before any read
+    for name, info in files.items():
+        got = sha256(paths[name])
         if got != info.get("sha256"):
             raise CheckpointError(f"{folder / name}: SHA-256 {got} differs from {MANIFEST} ({info.get('sha256')})")
 

@@ -33,7 +33,7 @@ def linear_item(src, name: str, fmt: str) -> Tensor | Packed:
     if fmt == "bf16":
         return bf16(src.dense(name))
     p = src.linear(name)
-    p = quantize_dense(src.dense(name), fmt) if p is None else convert(p, fmt)
+    p = quantize_dense(src.dense(name), fmt, name) if p is None else convert(p, fmt, name)
     return Packed(p.format, {k: v.cpu() for k, v in p.tensors.items()}, p.shape, p.meta)
 
 
@@ -55,7 +55,7 @@ def dense_layer(src, plan: Plan, i: int) -> Iterator[tuple[str, Tensor | Packed]
 
 def kept_experts(src, plan: Plan, i: int, kind: str) -> Iterator[Packed]:
     for e in plan.kept(i):
-        q = convert(src.expert(i, kind, e), plan.experts[i][e])
+        q = convert(src.expert(i, kind, e), plan.experts[i][e], f"model.layers.{i}.mlp.experts.{e}.{kind}")
         yield Packed(q.format, {k: v.cpu() for k, v in q.tensors.items()}, q.shape, q.meta)
 
 

@@ -16,7 +16,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from ..atomic import AtomicFolder, write_safetensors_atomic
+from ..atomic import finish_dir, partial_name, remove_stale_partials, save_safetensors_atomic
+from .owned import check_replaceable
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 MXFP4_QUANT_CONFIG = {
@@ -25,13 +26,46 @@ MXFP4_QUANT_CONFIG = {
 }
 
 
+class AtomicFolder:
+    """``with AtomicFolder(out) as tmp:`` write into ``tmp``; renamed to ``out`` only on success.
+
+    ``overwrite`` replaces only a folder that ``mxq.io.owned.check_replaceable`` accepts (a checkpoint made of
+    files mxq writes), never anything else. Staging folders left by killed writers are removed on entry.
+    """
+
+    def __init__(self, out_dir: str | Path, overwrite: bool = False):
+        self.out = Path(out_dir)
+        self.overwrite = overwrite
+        self.tmp = partial_name(self.out)
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and not self.overwrite:
+            raise FileExistsError(f"{self.out}: already exists (pass overwrite=True to replace it)")
+        if self.overwrite:
+            check_replaceable(self.out)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(self.out)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        finish_dir(self.tmp, self.out, replace=self.overwrite)
+
+
 Unit = tuple[dict[str, torch.Tensor], dict[str, str]]
 SaveFn = Callable[[Path, dict[str, torch.Tensor], dict[str, str]], None]
 
 
+def _save_with_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    save_safetensors_atomic(path, tensors, metadata)
+
+
 def write_unit_shards(folder: Path, units: Iterable[Unit], shard_bytes: int = DEFAULT_SHARD_BYTES,
                       prefix: str = "model", base_metadata: dict[str, str] | None = None,
-                      save: SaveFn = write_safetensors_atomic) -> dict[str, str]:
+                      save: SaveFn = _save_with_safetensors) -> dict[str, str]:
     """Write sharded safetensors + ``{prefix}.safetensors.index.json``; returns the weight map.
 
     ``units`` are (tensors, metadata) groups that stay in one shard (a packed expert's named tensors); a shard's

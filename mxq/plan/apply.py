@@ -86,7 +86,10 @@ def _apply_layer(mlp: nn.Module, row: list[str]) -> None:
             fmt, meta, bufs = st
             new.set_stacked(kind, fmt, {n: b.index_select(0, idx.to(b.device)) for n, b in bufs.items()}, meta)
             continue
-        pairs = [(p, convert(p, f)) for p, f in zip((ex.packed(kind, e) for e in kept), target)]
+        pairs = []
+        for e, f in zip(kept, target):          # errors name the expert: model.layers.{i}.mlp.experts.{e}.{kind}
+            p = ex.packed(kind, e)
+            pairs.append((p, convert(p, f, f"model.layers.{mlp.layer}.mlp.experts.{e}.{kind}")))
         qs = [q for _, q in pairs]
         if _stackable(qs):            # one format in the layer: stacked again (a copy of the same values)
             new.set_stacked(kind, qs[0].format, {n: torch.stack([q.tensors[n] for q in qs])
@@ -101,7 +104,7 @@ def _apply_layer(mlp: nn.Module, row: list[str]) -> None:
     mlp.router, mlp.experts = router, new
 
 
-def _apply_linear(lin: nn.Linear, fmt: str) -> None:
+def _apply_linear(lin: nn.Linear, fmt: str, name: str | None = None) -> None:
     cur = getattr(lin, "_mxq_packed", None)
     if fmt == "bf16":
         if cur is not None:
@@ -110,7 +113,8 @@ def _apply_linear(lin: nn.Linear, fmt: str) -> None:
     if cur is not None and cur.format == fmt:
         return
     w = lin.weight.detach()
-    p = convert(cur, fmt) if cur is not None else get_format(fmt).quantize(w if w.dtype != torch.float16 else w.float())
+    p = (convert(cur, fmt, name) if cur is not None
+         else get_format(fmt).quantize(w if w.dtype != torch.float16 else w.float(), name=name))
     lin.weight = nn.Parameter(get_format(fmt).dequantize(p, w.dtype), requires_grad=False)
     lin._mxq_packed = p
 
@@ -126,7 +130,7 @@ def apply_(model, plan: Plan) -> None:
     for i, layer in enumerate(model.layers):
         _apply_layer(layer.mlp, plan.experts[i])
         for n in PROJECTIONS:
-            _apply_linear(getattr(layer.self_attn, n), plan.attention)
-    _apply_linear(model.lm_head, plan.lm_head)
+            _apply_linear(getattr(layer.self_attn, n), plan.attention, f"model.layers.{i}.self_attn.{n}.weight")
+    _apply_linear(model.lm_head, plan.lm_head, "lm_head.weight")
     model.config.num_local_experts = k
     model.mxq_plan = plan

@@ -217,6 +217,8 @@ class Plan:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temporary file, rename), so a crash never leaves half a plan.json."""
+        from ..atomic import write_atomic
+
         path = Path(path)
         write_atomic(path, self.to_json())
         return path

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..atomic import AtomicFolder
+from ..cache_entry import entry_lock, load_dir_entry, write_dir_entry
 from ..calib import CalibSet, build_calibration
 from ..model import observe
 from ..model.attention import inference_attention_impl
@@ -59,11 +59,6 @@ def collect(model: torch.nn.Module, calib: CalibSet, batch_size: int = 8, super_
                                      calib_hash=calib.config_hash, meta=meta)
 
 
-def _save_atomic(stats: RouterStats, folder: Path) -> None:
-    with AtomicFolder(folder, overwrite=True) as tmp:
-        stats.save(tmp)
-
-
 def collect_or_load(model: torch.nn.Module, tokenizer: Any, calib_cfg: Any, run_dir: Path, cache_dir: Path,
                     batch_size: int, super_cfg: Any = None, plots: bool = True,
                     progress: bool = True) -> RouterStats:
@@ -77,19 +72,21 @@ def collect_or_load(model: torch.nn.Module, tokenizer: Any, calib_cfg: Any, run_
     mdig = model_digest(model, cache_dir)
     key = stats_key(mdig, calib.config_hash, model.dtype, model.device, VERSION, inference_attention_impl(model))
     entry = cache_dir / "router_stats" / key
-    if (entry / "router_stats.json").is_file():
-        log.info("router statistics: cache hit %s (%d tokens)", entry, calib.num_tokens)
-        stats = RouterStats.load(entry, super_cfg=super_cfg if super_cfg is not None else True)
-        stats.meta["cache"] = "hit"
-    else:
-        log.info("router statistics: cache miss, collecting %d sequences x %d tokens (%s) -> %s",
-                 calib.input_ids.shape[0], calib.input_ids.shape[1], ", ".join(calib.domain_names), entry)
-        stats = collect(model, calib, batch_size, super_cfg, progress)
-        stats.model_hash = mdig
-        _save_atomic(stats, entry)
-        stats.meta["cache"] = "miss"
-        log.info("router statistics: %d tokens in %.1f s (%.0f tokens/s)", stats.tokens, stats.meta["seconds"],
-                 stats.meta["tokens_per_s"])
+    with entry_lock(entry):          # concurrent runs on one key: one collects, the others wait and read it
+        stats = load_dir_entry(entry, lambda d: RouterStats.load(d, super_cfg=super_cfg if super_cfg is not None
+                                                                 else True))
+        if stats is not None:
+            log.info("router statistics: cache hit %s (%d tokens)", entry, calib.num_tokens)
+            stats.meta["cache"] = "hit"
+        else:
+            log.info("router statistics: cache miss, collecting %d sequences x %d tokens (%s) -> %s",
+                     calib.input_ids.shape[0], calib.input_ids.shape[1], ", ".join(calib.domain_names), entry)
+            stats = collect(model, calib, batch_size, super_cfg, progress)
+            stats.model_hash = mdig
+            write_dir_entry(entry, stats.save)
+            stats.meta["cache"] = "miss"
+            log.info("router statistics: %d tokens in %.1f s (%.0f tokens/s)", stats.tokens,
+                     stats.meta["seconds"], stats.meta["tokens_per_s"])
     stats.meta["cache_key"] = key
     stats.save(run_dir)
     if stats.super_experts:

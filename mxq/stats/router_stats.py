@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..atomic import write_safetensors_atomic
+from .. import jsonout
+from ..atomic import save_safetensors_atomic, write_atomic
 from .measures import entropy, jsd, load_balance, mean_pairwise_jsd
 from .super_experts import SuperExpertConfig, find_super_experts
 
@@ -204,9 +205,9 @@ class RouterStats:
         """Write ``router_stats.safetensors`` (tensors) and ``router_stats.json`` (summary) into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        write_safetensors_atomic(folder / "router_stats.safetensors", self.tensors(),
-                                 {"format": "mxq.router_stats", "version": str(VERSION)})
-        (folder / "router_stats.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
+        save_safetensors_atomic(folder / "router_stats.safetensors", self.tensors(),
+                                {"format": "mxq.router_stats", "version": str(VERSION)})
+        write_atomic(folder / "router_stats.json", jsonout.dumps(self.summary(), indent=2) + "\n")
         return folder
 
     @classmethod

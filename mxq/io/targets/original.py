@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...atomic import AtomicFolder
+from ..writer import AtomicFolder
 from ..errors import ExportError
 from ..streams import hf_stream
 from ..writer import DEFAULT_SHARD_BYTES, write_shards
