@@ -80,3 +80,18 @@ def test_wheel_runs_recipes_from_an_empty_folder(tmp_path):
         assert (run_dir / "report.md").is_file()
         assert metrics["model"]["num_local_experts"] == (24 if name == "prune" else 32)
     assert (work / "outputs" / "prune" / "model").is_dir()
+
+
+def test_user_recipe_dir_extends_the_shipped_recipes(tmp_path):
+    """A user's recipe folder (``--config-dir``) sits beside the shipped ones and may build on ``_base``."""
+    (tmp_path / "mine" / "recipe").mkdir(parents=True)
+    (tmp_path / "mine" / "recipe" / "halve.yaml").write_text(
+        "defaults: [_base, _self_]\nname: halve\nstats: true\nplanner: prune\nprune:\n  fraction: 0.5\n")
+    out = subprocess.run([sys.executable, "-m", "mxq.run", "--config-dir", str(tmp_path / "mine"), "recipe=halve",
+                          "--cfg", "job"], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+    import yaml
+
+    cfg = yaml.safe_load(out)
+    assert cfg["recipe"]["name"] == "halve" and cfg["recipe"]["prune"]["fraction"] == 0.5
+    assert cfg["recipe"]["prune"]["criterion"] == "reap"           # from the shipped _base
+    assert cfg["eval"]["name"] == "quick"                          # the shipped groups still resolve
