@@ -115,7 +115,8 @@ def partial_name(path: Path, kind: str = "partial") -> Path:
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|tmp)-(?P<pid>\d+)-[0-9a-f]+$")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine with this pid is running (a pid we may not signal counts as alive)."""
     if pid == os.getpid():
         return True
     try:
@@ -136,7 +137,7 @@ def stale_partials(path: Path) -> list[Path]:
     out = []
     for p in path.parent.iterdir():
         m = _PARTIAL.match(p.name)
-        if m and m["name"] == path.name and not _alive(int(m["pid"])):
+        if m and m["name"] == path.name and not pid_alive(int(m["pid"])):
             out.append(p)
     return sorted(out)
 

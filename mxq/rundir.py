@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from .atomic import write_atomic
+from .atomic import pid_alive, write_atomic
 
 log = logging.getLogger("mxq.run")
 
@@ -62,13 +62,7 @@ def _read_marker(run_dir: Path) -> dict:
 def _alive(pid: Any, host: Any) -> bool:
     if host != socket.gethostname() or not isinstance(pid, int):
         return host != socket.gethostname()       # another machine's run: assume it may be alive
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def _comparable(cfg_yaml: str) -> Any:
