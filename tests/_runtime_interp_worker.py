@@ -23,6 +23,7 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET") != "1":
     sys.exit("run with TRITON_INTERPRET=1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -289,8 +290,44 @@ def check_model(_fmt: str = "") -> dict:
             "greedy_prefix_equal": agree, "steps": steps, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def check_padded(_fmt: str = "") -> list[dict]:
+    """A small gpt-oss (2 layers: sliding window 8, then full attention; 8 experts, top-4) with prompts of 3, 7
+    and 12 tokens left-padded to 12, 3 greedy steps (``tests/_batch_decode_check.py``): as loaded (stacked
+    MXFP4, ``moe_kernels``) and under a plan that gives the layers' experts every format (``fmt_kernels``: each
+    format stack launches on both paths), on the per-pair GEMV decode path and on the grouped-GEMM one."""
+    import tempfile
+
+    import mxq
+    from mxq.plan import Plan, apply_
+    from mxq.runtime import Runtime
+
+    from _batch_decode_check import compare
+    from mxq.synth import synth
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = synth(Path(tmp) / "tiny", "tiny", "mxfp4", 0, "cpu", False,
+                     {"num_hidden_layers": 2, "sliding_window": 8, "num_local_experts": 8, "hidden_size": 128,
+                      "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1})
+        model = mxq.load_model(path, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(2, model.config.vocab_size, (n,), generator=g) for n in (3, 7, 12)]
+    e_n = model.config.num_local_experts
+    res = []
+    for label in ("mxfp4-stacked", "every-format"):
+        if label == "every-format":
+            apply_(model, Plan([[ALL[(e + 4 * i) % len(ALL)] for e in range(e_n)]
+                                for i in range(model.config.num_hidden_layers)]))
+        rt = Runtime(model, use_graph=False)
+        for path, (dense_max, grouped_min) in {"gemv": (1 << 30, 1 << 30), "grouped": (0, 1)}.items():
+            t0 = time.perf_counter()
+            rt.dense_gemv_max_tokens, rt.moe_grouped_min_tokens = dense_max, grouped_min
+            r = compare(rt, rows, 3)
+            res.append({"check": "padded", "fmt": f"{label}/{path}", "formats": sorted({L.gu.fmt for L in rt.layers}),
+                        "seconds": round(time.perf_counter() - t0, 1), **r})
+    return res
+
 CHECKS = {"decoders": check_decoders, "moe": check_moe, "mixed": check_mixed, "model": check_model,
-          "stacked": check_stacked}
+          "stacked": check_stacked, "padded": check_padded}
 
 if __name__ == "__main__":
     check = sys.argv[1]
@@ -299,6 +336,8 @@ if __name__ == "__main__":
         fmts = ["mxfp4", "bf16"]
     for f in (fmts if check in ("decoders", "moe", "stacked") else [""]):
         try:
-            emit(**CHECKS[check](f))
+            res = CHECKS[check](f)
+            for r in (res if isinstance(res, list) else [res]):
+                emit(**r)
         except Exception as exc:                                          # report, keep going
             emit(check=check, fmt=f or check, error=f"{type(exc).__name__}: {exc}")

@@ -290,7 +290,7 @@ def _fmt_down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, slot_ptr, sidx_ptr, slot, w_pt
 # gathers the pipeliner multi-buffers.)
 _FMT_GROUPED_CONFIGS = [cfg(4, 3, BN=32, BK=128), cfg(8, 3, BN=64, BK=128), cfg(8, 2, BN=32, BK=256),
                         cfg(8, 2, BN=64, BK=128)]
-_GROUPED_KEY = ["P", "K", "FMT", "GW", "SROW", "ASYM"]
+_GROUPED_KEY = ["P", "K", "FMT", "GW", "SROW", "ASYM", "BM"]
 
 
 @autotune(_FMT_GROUPED_CONFIGS, key=_GROUPED_KEY + ["I"])
@@ -547,21 +547,26 @@ def fmt_down_gemv(y: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, dn: FmtE
 
 
 def fmt_moe_grouped(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gu: FmtExperts, gu_bias: torch.Tensor,
-                    dn: FmtExperts, dn_bias: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """Prefill MoE for ``FmtExperts``: x [N, H] bf16 -> z [N, k, H] fp32 = wt_j * f_{e_j}(x)."""
+                    dn: FmtExperts, dn_bias: torch.Tensor, alpha: float, limit: float,
+                    bm: int | None = None) -> torch.Tensor:
+    """Prefill (and batched decode) MoE for ``FmtExperts``: x [N, H] bf16 -> z [N, k, H] fp32 = wt_j * f_{e_j}(x).
+
+    ``bm``: pairs per tile (a power of two >= 16, default ``GROUP_BM``); the pairs are the dot's N operand
+    (the decoded weight tile is A), so small tiles suit a decode batch with a few pairs per expert."""
     n, k = idx.shape
     p = n * k
     i, h = gu.out_f // 2, dn.out_f
-    order, te, ts, tn = expert_tiles(idx, gu.num_experts)
+    bm = GROUP_BM if bm is None else int(bm)
+    order, te, ts, tn = expert_tiles(idx, gu.num_experts, bm)
     tmax = te.numel()
     y = torch.empty(p, i, dtype=torch.bfloat16, device=x.device)             # rows in sorted order
     for s, st in enumerate(gu.stacks):
         launch(_fmt_gate_up_grouped_kernel, lambda m: (tmax, triton.cdiv(i, m["BN"])),
                x, order, te, ts, tn, gu.slot, gu.sidx, s, *st.args(), gu_bias, y, p, gu.in_f, i, *st.strides(),
-               float(alpha), float(limit), TOPK=k, BM=GROUP_BM, DOT_F32=INTERPRET, **st.meta())
+               float(alpha), float(limit), TOPK=k, BM=bm, DOT_F32=INTERPRET, **st.meta())
     z = torch.empty(p, h, dtype=torch.float32, device=x.device)              # rows by pair id t*k + j
     for s, st in enumerate(dn.stacks):
         launch(_fmt_down_grouped_kernel, lambda m: (tmax, triton.cdiv(h, m["BN"])),
                y, order, wt.reshape(-1), te, ts, tn, dn.slot, dn.sidx, s, *st.args(), dn_bias, z, p, dn.in_f, h,
-               *st.strides(), BM=GROUP_BM, DOT_F32=INTERPRET, **st.meta())
+               *st.strides(), BM=bm, DOT_F32=INTERPRET, **st.meta())
     return z.view(n, k, h)
