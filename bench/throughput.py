@@ -106,10 +106,14 @@ def prompts(b: int, t: int, vocab: int, ragged: bool, seed: int):
 
 def measure(model, b: int, t: int, g: int, ragged: bool, bw: float, flops: float, act: float) -> dict:
     from mxq.runtime import decode_bytes_per_step, fast_generate
+    from mxq.runtime.engine import PREFILL_CHUNK_TOKENS
 
     ids, mask = prompts(b, t, model.config.vocab_size, ragged, seed=b * 7919 + t)
     t0 = time.perf_counter()
-    fast_generate(model, ids, 2, attention_mask=mask)                     # compile, autotune, capture the bucket
+    # compile and autotune the prefill at the shape of one prefill chunk (the timed request's chunks all have
+    # it for these sizes), then the timed request captures the bucket's decode graph before its clock starts
+    c = min(b, max(1, PREFILL_CHUNK_TOKENS // t))
+    fast_generate(model, ids[:c], 2, attention_mask=mask[:c])
     sync()
     warm = time.perf_counter() - t0
     gc.collect()
