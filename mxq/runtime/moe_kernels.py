@@ -274,8 +274,8 @@ def _down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, w_ptr, s_ptr, bias_ptr, z_ptr, P, 
 
 
 if INTERPRET:   # the interpreter runs one config per kernel (``_common.autotune``): large tiles, few programs
-    for _k in (_gate_up_gemv_kernel, _down_gemv_kernel):
-        _k._mxq_default = dict(BN=32, BG=16, NS=1)
+    _gate_up_gemv_kernel._mxq_default = dict(BN=64, BG=16, NS=1)
+    _down_gemv_kernel._mxq_default = dict(BN=128, BG=16, NS=1)
 
 
 class ExpertWeights:
