@@ -222,10 +222,13 @@ class Runtime:
     # ------------------------------------------------------------------------------------------- forward
     def _decode_moe_tile(self, L: _Layer, n: int) -> int:
         """Pairs per tile of the grouped MoE in a decode step of n tokens: the mean pairs per expert rounded up
-        to a power of two, at least 16 (the smallest ``tl.dot`` tile), at most the prefill tile."""
-        e = L.gu.num_experts if isinstance(L.gu, FmtExperts) else L.gu.w.shape[0]
-        cap = GROUP_BM if isinstance(L.gu, FmtExperts) else MOE_BM[L.gu.fmt]
-        return min(cap, max(16, next_pow2(-(-n * self.top_k // e))))
+        to a power of two, at least 16 for ``fmt_kernels`` (the pairs are the dot's N operand) and 32 for
+        ``moe_kernels`` (the pairs are the M operand of ``tl.dot_scaled``; the smallest tile its tests cover),
+        at most the prefill tile."""
+        fmt = isinstance(L.gu, FmtExperts)
+        e = L.gu.num_experts if fmt else L.gu.w.shape[0]
+        lo, cap = (16, GROUP_BM) if fmt else (32, MOE_BM[L.gu.fmt])
+        return min(cap, max(lo, next_pow2(-(-n * self.top_k // e))))
 
     def _layers(self, x: Tensor, t: int, st: DecodeState, decode: bool, rows: slice = slice(None)) -> Tensor:
         """Every layer over x [N, H] (N = B*T, the state's rows ``rows``); returns the final-normed hidden
