@@ -249,7 +249,7 @@ def _fmt_gate_up_gemv_kernel(x_ptr, idx_ptr, slot_ptr, sidx_ptr, slot, w_ptr, s_
     e = tl.load(idx_ptr + p)
     mine, j = _slot_of(slot_ptr, sidx_ptr, e, slot)
     rows = nb * (2 * BN) + tl.arange(0, 2 * BN)           # interleaved gate (even) / up (odd) rows
-    rm = (rows < 2 * I) & mine
+    rm = tl.where(mine, rows < 2 * I, False)      # (where, not &: the interpreter's & of a scalar mask fails)
     acc = _fmt_rows_dot(x_ptr + t * K, w_ptr + j * s_we, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, j, rows, rm,
                         tl.where(mine, WPR, 0), WPR, s_wr, s_se, s_sr, s_sg, s_ne, FMT, EPW, GW, SROW, ASYM,
                         2 * BN, BW, NS)
@@ -258,7 +258,7 @@ def _fmt_gate_up_gemv_kernel(x_ptr, idx_ptr, slot_ptr, sidx_ptr, slot, w_ptr, s_
     a_g, a_u = tl.split(tl.reshape(a, (BN, 2)))
     y = bf16r(swiglu(a_g, a_u, alpha, limit))
     offs = nb * BN + tl.arange(0, BN)
-    tl.store(y_ptr + p.to(tl.int64) * I + offs, y, mask=(offs < I) & mine)
+    tl.store(y_ptr + p.to(tl.int64) * I + offs, y, mask=tl.where(mine, offs < I, False))
 
 
 @autotune(_FMT_GEMV_CONFIGS, key=_GEMV_KEY + ["H"])
@@ -274,7 +274,7 @@ def _fmt_down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, slot_ptr, sidx_ptr, slot, w_pt
     e = tl.load(idx_ptr + p)
     mine, j = _slot_of(slot_ptr, sidx_ptr, e, slot)
     rows = hb * BN + tl.arange(0, BN)
-    rm = (rows < H) & mine
+    rm = tl.where(mine, rows < H, False)
     gw = tl.load(wt_ptr + p)
     acc = _fmt_rows_dot(y_ptr + p * K, w_ptr + j * s_we, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, j, rows, rm,
                         tl.where(mine, WPR, 0), WPR, s_wr, s_se, s_sr, s_sg, s_ne, FMT, EPW, GW, SROW, ASYM, BN, BW,
@@ -305,7 +305,7 @@ def _fmt_gate_up_grouped_kernel(x_ptr, order_ptr, te_ptr, ts_ptr, tn_ptr, slot_p
     nb = tl.program_id(1)
     e, rows, rm, live = tile_rows(ts_ptr, tn_ptr, te_ptr, BM)
     mine, j = _slot_of(slot_ptr, sidx_ptr, e, slot)
-    rm = rm & mine
+    rm = tl.where(mine, rm, False)
     pair = tl.load(order_ptr + rows, mask=rm, other=0)
     tok = (pair // TOPK).to(tl.int64)
     cols = nb * (2 * BN) + tl.arange(0, 2 * BN)
@@ -335,7 +335,7 @@ def _fmt_down_grouped_kernel(y_ptr, order_ptr, wt_ptr, te_ptr, ts_ptr, tn_ptr, s
     nb = tl.program_id(1)
     e, rows, rm, live = tile_rows(ts_ptr, tn_ptr, te_ptr, BM)
     mine, j = _slot_of(slot_ptr, sidx_ptr, e, slot)
-    rm = rm & mine
+    rm = tl.where(mine, rm, False)
     pair = tl.load(order_ptr + rows, mask=rm, other=0).to(tl.int64)
     gw = tl.load(wt_ptr + pair, mask=rm, other=0.0)
     cols = nb * BN + tl.arange(0, BN)
