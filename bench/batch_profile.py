@@ -148,7 +148,7 @@ def main() -> None:
         print(json.dumps(res), flush=True)
 
     res["alternatives"] = {}
-    for b in [int(v) for v in a.alt_batches.split(",")]:
+    for b in [int(v) for v in a.alt_batches.split(",") if v]:
         res["alternatives"][b] = layer_alternatives(rt, b)
         print(b, res["alternatives"][b], flush=True)
         dump()
