@@ -200,8 +200,8 @@ def main() -> None:
     lines = [f"{res['device']}, torch {res['torch']}, {res['date']}; copy bandwidth {res['copy_bw_TBps']} TB/s, "
              f"bf16 matmul {res['bf16_matmul_TFLOPs']} TFLOP/s; {a.new_tokens} new tokens"
              + (", ragged prompts" if a.ragged else ", equal-length prompts"), "",
-             "| plan | context | B | decode tok/s total | per sequence | e2e gen tok/s | TTFT p50 / p95 ms | "
-             "peak GB | roofline tok/s (bound) | % of roofline |",
+             ("| plan | context | B | decode tok/s total | per sequence | e2e gen tok/s | TTFT p50 / p95 ms | "
+              "peak GB | roofline tok/s (bound) | % of roofline |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if "error" in r:

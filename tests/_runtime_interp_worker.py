@@ -299,12 +299,12 @@ def check_padded(which: str = "") -> list[dict]:
     one path only."""
     import tempfile
 
+    from _batch_decode_check import compare
+
     import mxq
     from mxq.plan import Plan, apply_
     from mxq.runtime import Runtime
     from mxq.synth import synth
-
-    from _batch_decode_check import compare
 
     with tempfile.TemporaryDirectory() as tmp:
         path = synth(Path(tmp) / "tiny", "tiny", "mxfp4", 0, "cpu", False,

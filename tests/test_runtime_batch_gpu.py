@@ -92,7 +92,7 @@ def test_batch_buckets_share_graph_and_paths_agree(make_ckpt):
                                            "gemv": PATHS["gemv"]}.items():
         rt.dense_gemv_max_tokens, rt.moe_grouped_min_tokens = dense_max, grouped_min
         rt._states.clear()
-        toks, lg = greedy_with_logits(rt, ids, mask, 2)
+        _, lg = greedy_with_logits(rt, ids, mask, 2)
         logits[path] = lg
     err = ((logits["default"][:, 1] - logits["gemv"][:, 1]).norm() / logits["gemv"][:, 1].norm()).item()
     assert err < 1e-2, err

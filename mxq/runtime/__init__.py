@@ -19,8 +19,16 @@ from .sampling import SamplingParams, sample
 RUNTIME_PATH = "mxq-triton-cudagraph"
 
 if HAVE_TRITON:
-    from .engine import (DecodeState, Runtime, UnsupportedModel, batch_bucket, decode_bytes_per_step,
-                         decode_bytes_per_token, left_padding, stacked_experts)
+    from .engine import (
+        DecodeState,
+        Runtime,
+        UnsupportedModel,
+        batch_bucket,
+        decode_bytes_per_step,
+        decode_bytes_per_token,
+        left_padding,
+        stacked_experts,
+    )
 else:  # CPU-only installs (CI): importable, and every entry point says why it cannot run
     class UnsupportedModel(ValueError):
         pass
@@ -68,5 +76,6 @@ def fast_generate(model, input_ids, max_new_tokens: int, attention_mask=None, eo
                        attention_mask=attention_mask)
 
 
-__all__ = ["fast_generate", "enable", "disable", "Runtime", "DecodeState", "UnsupportedModel", "RUNTIME_PATH",
-           "decode_bytes_per_token", "decode_bytes_per_step", "batch_bucket", "left_padding", "stacked_experts", "HAVE_TRITON", "SamplingParams", "sample"]
+__all__ = ["HAVE_TRITON", "RUNTIME_PATH", "DecodeState", "Runtime", "SamplingParams", "UnsupportedModel",
+           "batch_bucket", "decode_bytes_per_step", "decode_bytes_per_token", "disable", "enable", "fast_generate",
+           "left_padding", "sample", "stacked_experts"]

@@ -23,14 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import RUNTIME_PATH
 from ._common import INTERPRET, next_pow2, require_triton, y_f16_ok
 from .attn_kernels import advance, argmax_advance, embed_at, rmsnorm, rope_cache, sink_attention
-from .linear_kernels import linear_gemv
 from .fmt_kernels import FmtExperts, fmt_down_gemv, fmt_gate_up_gemv, fmt_moe_grouped
+from .linear_kernels import linear_gemv
 from .moe_kernels import GROUP_BM, MOE_BM, ExpertWeights, down_gemv, gate_up_gemv, moe_grouped, router_topk
 from .sampling import DeviceSampler, SamplingParams
-
-from . import RUNTIME_PATH
 
 
 class UnsupportedModel(ValueError):
