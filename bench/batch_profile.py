@@ -153,7 +153,8 @@ def main() -> None:
         print(b, res["alternatives"][b], flush=True)
         dump()
     res["steps"] = {}
-    paths = {"gemv (batch-1 kernels)": (1 << 30, 1 << 30), "auto": (rt.dense_gemv_max_tokens, rt.moe_grouped_min_tokens)}
+    paths = {"gemv (batch-1 kernels)": (1 << 30, 1 << 30),
+             "auto": (rt.dense_gemv_max_tokens, rt.moe_grouped_min_tokens)}
     for b in [int(v) for v in a.batches.split(",")]:
         ids = torch.randint(0, vocab, (b, a.ctx), device="cuda", generator=torch.Generator("cuda").manual_seed(b))
         for name, (dmax, gmin) in paths.items():

@@ -314,7 +314,8 @@ class Runtime:
     def state_bytes(self, batch: int, max_len: int) -> int:
         """Device bytes of a ``DecodeState``'s KV cache (bf16 keys and values of every layer)."""
         c = self.cfg
-        return 2 * c.num_hidden_layers * batch * c.num_key_value_heads * max_len * c.head_dim * self.model.dtype.itemsize
+        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.model.dtype.itemsize
+        return per_token * batch * max_len
 
     def state_for(self, batch: int, need: int) -> DecodeState:
         """The state of ``batch``'s bucket (``batch_bucket``) with room for ``need`` positions (capacity rounded
