@@ -39,7 +39,9 @@ class UnsupportedModel(ValueError):
 # Decode batches up to this many tokens run the dense projections as the batch-1 GEMV (``linear_gemv``), larger
 # ones through cuBLAS; from MOE_GROUPED_MIN_TOKENS tokens on the experts run as grouped GEMMs instead of the
 # per-pair GEMVs, which re-read an expert's weights for every (token, slot) pair routed to it.
-# Measured on one H100 (bench/batch_profile.py, BENCHMARKS.md).
+# Both are set from a byte count, not yet from a GPU timing (``bench/batch_profile.py`` times both paths): at
+# B = 8, k = 4, E = 32 the GEMVs read ~32 experts' weights a layer against the ~20 distinct experts a grouped
+# pass reads once.
 DENSE_GEMV_MAX_TOKENS = 4
 MOE_GROUPED_MIN_TOKENS = 8
 # Decode graphs are captured per batch bucket: a batch of b rows runs in the smallest bucket >= b (its extra
