@@ -23,6 +23,7 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET") != "1":
     sys.exit("run with TRITON_INTERPRET=1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -289,16 +290,63 @@ def check_model(_fmt: str = "") -> dict:
             "greedy_prefix_equal": agree, "steps": steps, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def check_padded(which: str = "") -> list[dict]:
+    """A small gpt-oss (2 layers: sliding window 8, then full attention; 8 experts, top-4) with prompts of 4
+    and 11 tokens, the first left-padded to 11, 3 greedy tokens (``tests/_batch_decode_check.py``), on the
+    per-pair GEMV decode path and on the grouped-GEMM one. ``which``: "stacked" (the checkpoint as loaded:
+    stacked MXFP4, ``moe_kernels``) or "every-format" (a plan that gives each layer's experts every format:
+    ``fmt_kernels``, one launch per format stack on both paths), optionally with "/gemv" or "/grouped" for
+    one path only."""
+    import tempfile
+
+    from _batch_decode_check import compare
+
+    import mxq
+    from mxq.plan import Plan, apply_
+    from mxq.runtime import Runtime
+    from mxq.synth import synth
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = synth(Path(tmp) / "tiny", "tiny", "mxfp4", 0, "cpu", False,
+                     {"num_hidden_layers": 2, "sliding_window": 8, "num_local_experts": 8, "hidden_size": 128,
+                      "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1})
+        model = mxq.load_model(path, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(2, model.config.vocab_size, (n,), generator=g) for n in (4, 11)]
+    e_n = model.config.num_local_experts
+    which, _, only = which.partition("/")
+    if which == "every-format":
+        apply_(model, Plan([[ALL[(e + 4 * i) % len(ALL)] for e in range(e_n)]
+                            for i in range(model.config.num_hidden_layers)]))
+    elif which != "stacked":
+        raise ValueError(f"padded: which must be stacked or every-format, got {which!r}")
+    rt = Runtime(model, use_graph=False)
+    res = []
+    for path, (dense_max, grouped_min) in {"gemv": (1 << 30, 1 << 30), "grouped": (0, 1)}.items():
+        if only and path != only:
+            continue
+        t0 = time.perf_counter()
+        rt.dense_gemv_max_tokens, rt.moe_grouped_min_tokens = dense_max, grouped_min
+        r = compare(rt, rows, 3)
+        res.append({"check": "padded", "fmt": f"{which}/{path}", "seconds": round(time.perf_counter() - t0, 1),
+                    "formats": sorted({f for L in rt.layers for f in getattr(L.gu, "counts", {L.gu.fmt: 1})}),
+                    **r})
+    return res
+
 CHECKS = {"decoders": check_decoders, "moe": check_moe, "mixed": check_mixed, "model": check_model,
-          "stacked": check_stacked}
+          "stacked": check_stacked, "padded": check_padded}
 
 if __name__ == "__main__":
     check = sys.argv[1]
     fmts = sys.argv[2].split(",") if len(sys.argv) > 2 and sys.argv[2] else ALL
     if check == "stacked" and fmts == ALL:
         fmts = ["mxfp4", "bf16"]
-    for f in (fmts if check in ("decoders", "moe", "stacked") else [""]):
+    if check == "padded":
+        fmts = sys.argv[2].split(",") if len(sys.argv) > 2 and sys.argv[2] else ["stacked", "every-format"]
+    for f in (fmts if check in ("decoders", "moe", "stacked", "padded") else [""]):
         try:
-            emit(**CHECKS[check](f))
+            res = CHECKS[check](f)
+            for r in (res if isinstance(res, list) else [res]):
+                emit(**r)
         except Exception as exc:                                          # report, keep going
             emit(check=check, fmt=f or check, error=f"{type(exc).__name__}: {exc}")

@@ -32,6 +32,9 @@ def test_cpu_measures_the_reference_path_and_says_why(model):
     assert rep["peak_allocated_bytes"] is None
     assert set(rep["by_setting"]) == {"greedy@4", "sample@4"} and rep["decode_tokens_per_s"] > 0
     assert "_mxq_runtime" not in model.__dict__ and not hasattr(model, "runtime_path")
+    # the batch sweep (speed.batch_sizes) needs the fast runtime: empty here, and it says why
+    assert rep["by_batch"] == {} and rep["batch_decode_tokens_per_s_max"] is None
+    assert "fast runtime only" in rep["batch_sweep_skipped"] and "cpu" in rep["batch_sweep_skipped"]
 
 
 def test_asking_for_the_fast_path_where_it_cannot_run_falls_back_with_the_reason(model):

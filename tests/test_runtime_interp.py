@@ -8,6 +8,9 @@ the worker applies ``mxq.runtime.interp_patch`` (numpy 2.x gaps of the interpret
   ``dequantize(bf16)`` bit for bit and the decode GEMV's dot is within 1e-5 of an fp64 matmul of
   ``dequantize(fp32)``, on a 320 x 320 weight with ragged groups/blocks, a zero block, an outlier row and a
   tiny row, for the third expert of a stack.
+* ``test_padded_batch_equals_per_sequence`` (CI, ~1 min): a left-padded batch decoded greedily on the
+  batch-1 kernels equals each prompt decoded alone (``tests/_batch_decode_check.py``), stacked MXFP4 experts;
+  ``slow``: the grouped-GEMM decode path, and both paths with every format in each layer.
 * ``slow`` (skipped unless ``--runslow`` or MXQ_RUN_SLOW=1; minutes): moe_kernels on stacked MXFP4 and bf16 experts
   (every decode GEMV config), a MoE layer per format and a mixed-format
   layer against ``PackedExperts.expert_forward`` (relative L2 < 1e-2: both round the same intermediates to
@@ -90,3 +93,27 @@ def test_stacked_mxfp4_and_bf16_every_gemv_config():
     for fmt, r in res.items():
         assert "error" not in r, r
         assert max(r["decode_rel"].values()) < 1e-2 and r["grouped_rel"] < 1e-2, r
+
+
+def _padded_ok(which: str) -> None:
+    res = run_worker("padded", which)
+    assert res, which
+    for name, r in res.items():
+        assert "error" not in r, r
+        assert r["ok"], (name, r)
+
+
+def test_padded_batch_equals_per_sequence():
+    _padded_ok("stacked/gemv")
+
+
+@pytest.mark.slow
+def test_padded_batch_grouped_path():
+    _padded_ok("stacked/grouped")
+
+
+@pytest.mark.slow
+def test_padded_batch_every_format():
+    res = run_worker("padded", "every-format")
+    assert sorted(next(iter(res.values()))["formats"]) == all_formats()
+    assert all(r["ok"] for r in res.values()), res

@@ -109,11 +109,12 @@ def test_temperature_zero_equals_greedy_and_small_temperature_samples_an_argmax(
         st = rt.state_for(ids.shape[0], t + n)
         rt.use_sampling(st, params)
         lg = rt.prefill(st, ids)
-        st.seq[:, t] = rt.choose(st, lg).to(torch.int32)
+        b = ids.shape[0]                                          # the state's batch bucket may hold more rows
+        st.seq[:b, t] = rt.choose(st, lg).to(torch.int32)
         for _ in range(n - 1):
             h = st.host_pos
-            lg = rt.step(st).float()
-            tok = st.seq[:, h + 1].long()
+            lg = rt.step(st)[:b].float()
+            tok = st.seq[:b, h + 1].long()
             assert torch.equal(lg.gather(1, tok[:, None])[:, 0], lg.max(-1).values)
     disable(tiny)
 

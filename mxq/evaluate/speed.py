@@ -35,6 +35,10 @@ from ..model.generate import sample_next
 from .metrics import DEFAULT_PATH, param_counts, precision, quantile, sync
 
 NOT_AVAILABLE = "not available"
+# Batch sizes of the throughput sweep (``speed.batch_sizes``) when the preset names none; it runs on the fast
+# runtime only (a GPU), greedy, at ``speed.batch_context`` prompt tokens (default 1,024).
+DEFAULT_BATCH_SIZES = (1, 4, 16, 64)
+DEFAULT_BATCH_CONTEXT = 1024
 FAST_PATH = "mxq-triton-cudagraph"           # mxq.runtime.RUNTIME_PATH (not imported: triton is optional)
 RUNTIMES = ("auto", "fast", "reference")
 
@@ -106,7 +110,7 @@ def timed_generate_fast(rt, ids: torch.Tensor, new_tokens: int, do_sample: bool,
     st = rt.state_for(b, t + new_tokens)
     rt.use_sampling(st, params)
     logits = rt.prefill(st, ids)
-    st.seq[:, t] = rt.choose(st, logits).to(torch.int32)
+    st.seq[:b, t] = rt.choose(st, logits).to(torch.int32)
     sync(dev)
     t_first = time.perf_counter()
     for _ in range(new_tokens - 1):
@@ -191,8 +195,58 @@ def _setting(model, context: int, mode: str, cfg: dict[str, Any], meter: EnergyM
     return row
 
 
+@torch.no_grad()
+def batch_sweep(rt, model, cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Throughput against concurrency on the fast runtime ``rt``: for each B of ``speed.batch_sizes``, B
+    random prompts of ``speed.batch_context`` tokens decoded together (``Runtime.generate``, greedy, g =
+    ``speed.new_tokens``; one untimed request first: compilation, autotuning, the bucket's graph). Per B:
+    decode tokens/s in total and per sequence, generated tokens/s end to end (prefill included), TTFT p50/p95
+    over the rows (the end of each row's prefill chunk), peak allocated bytes. A B whose KV cache would not
+    fit in free device memory is skipped with the reason (a 120b model leaves no room for B = 256)."""
+    from ..runtime import batch_bucket
+
+    sizes = cfg.get("batch_sizes", DEFAULT_BATCH_SIZES)
+    if not sizes:
+        return {}
+    ctx = int(cfg.get("batch_context") or DEFAULT_BATCH_CONTEXT)
+    g = max(int(cfg["new_tokens"]), 2)
+    dev = model.device
+    vocab = int(cfg.get("vocab_size") or model.config.vocab_size)
+    gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)) * 100_003 + ctx + 1)
+    rows: dict[str, dict[str, Any]] = {}
+    for b in (int(v) for v in sizes):
+        need = rt.state_bytes(batch_bucket(b), -(-(ctx + g) // 256) * 256)
+        rt._states.clear()
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(dev)[0]
+        if need * 1.1 + (2 << 30) > free:
+            rows[str(b)] = {"batch": b, "context": ctx, "skipped": f"KV cache {need / 1e9:.1f} GB + 2 GB of work "
+                                                                  f"space > {free / 1e9:.1f} GB free"}
+            continue
+        ids = torch.randint(0, vocab, (b, ctx), generator=gen).to(dev)
+        rt.generate(ids, 2)
+        sync(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        tm: dict[str, Any] = {}
+        rt.generate(ids, g, timings=tm)
+        steps, dec_s = tm["decode_steps"], tm["decode_ms"] / 1e3
+        ttft = torch.tensor(tm["ttft_rows_ms"]) / 1e3
+        rows[str(b)] = {
+            "batch": b, "context": ctx, "new_tokens": g, "bucket": tm["batch_bucket"],
+            "decode_tokens_per_s": b * steps / dec_s, "per_sequence_tokens_per_s": steps / dec_s,
+            "generated_tokens_per_s": b * g / ((tm["prefill_ms"] + tm["decode_ms"]) / 1e3),
+            "ttft_p50_s": quantile(ttft, 0.50), "ttft_p95_s": quantile(ttft, 0.95),
+            "peak_allocated_bytes": int(torch.cuda.max_memory_allocated(dev)),
+        }
+    rt._states.clear()
+    return rows
+
+
 def speed_report(model, cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-    """The ``speed`` section: one row per (mode, context) in ``by_setting``, headline figures on top.
+    """The ``speed`` section: one row per (mode, context) in ``by_setting``, headline figures on top; on the
+    fast runtime also ``by_batch`` (``batch_sweep``: throughput at ``speed.batch_sizes``) and its best total
+    decode tokens/s (``batch_decode_tokens_per_s_max``). Elsewhere ``by_batch`` is empty and the reason is
+    in ``batch_sweep_skipped``.
 
     Headline = the greedy row at ``headline_context`` (default: the first context of the sweep).
     Code path: ``cfg["runtime"]`` (module docstring); a runtime attached here is detached afterwards.
@@ -243,6 +297,12 @@ def speed_report(model, cfg: dict[str, Any], progress: bool = True) -> dict[str,
             reason = reason[:500]
             rows = sweep(None, code_path)
         peak = int(torch.cuda.max_memory_allocated(model.device)) if cuda else None
+        by_batch: dict[str, dict[str, Any]] = {}
+        batch_skip = None
+        if rt is None:
+            batch_skip = "the batch sweep runs on the fast runtime only (a CUDA GPU): " + (reason or code_path)
+        elif cfg.get("batch_sizes", DEFAULT_BATCH_SIZES):
+            by_batch = batch_sweep(rt, model, cfg)
     finally:
         if rt is not None:
             rt = None
@@ -271,4 +331,8 @@ def speed_report(model, cfg: dict[str, Any], progress: bool = True) -> dict[str,
         "protocol": "Yadav & Patel, arXiv 2508.16700: true TTFT incl. prefill; decode over the full "
                     "decode; p50/p95 end-to-end; NVML energy per 1,000 generated tokens; APE",
         "by_setting": rows,
+        "by_batch": by_batch,
+        "batch_sweep_skipped": batch_skip,
+        "batch_decode_tokens_per_s_max": max((r["decode_tokens_per_s"] for r in by_batch.values()
+                                              if "decode_tokens_per_s" in r), default=None),
     }

@@ -74,22 +74,28 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tens
 
 
 @triton.jit
-def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr,
-                       N, T, NH, KV, L, HALF: tl.constexpr, BT: tl.constexpr, PDL: tl.constexpr):
+def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr, off_ptr,
+                       N, T, NH, KV, L, HALF: tl.constexpr, BT: tl.constexpr, HAS_OFF: tl.constexpr,
+                       PDL: tl.constexpr):
     """BT tokens (row-major over [B, T]) of one head per program: q heads, then kv heads (k rotated into the
     cache, v copied). Several tokens per program: one token per program made the 2,048-token prefill
-    scheduling-bound (147k programs of 64 elements each)."""
+    scheduling-bound (147k programs of 64 elements each). ``HAS_OFF``: row b is left-padded by off[b] cache
+    slots, so the token at cache index i has RoPE position i - off[b] (pads clamp to 0; nothing attends to
+    them)."""
     grid_dep(PDL)
     n = tl.program_id(0) * BT + tl.arange(0, BT)                 # [BT] tokens
     hh = tl.program_id(1)
     nm = n < N
     b = (n // T).to(tl.int64)
-    pos = (tl.load(pos_ptr) + n % T).to(tl.int64)
+    pos = (tl.load(pos_ptr) + n % T).to(tl.int64)                # cache index
+    rp = pos
+    if HAS_OFF:
+        rp = tl.maximum(pos - tl.load(off_ptr + b, mask=nm, other=0), 0)     # RoPE position
     D: tl.constexpr = 2 * HALF
     o = tl.arange(0, HALF)
     m2 = nm[:, None]
-    c = tl.load(cos_ptr + pos[:, None] * HALF + o[None, :], mask=m2, other=0.0).to(tl.float32)   # [BT, HALF]
-    s = tl.load(sin_ptr + pos[:, None] * HALF + o[None, :], mask=m2, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + rp[:, None] * HALF + o[None, :], mask=m2, other=0.0).to(tl.float32)   # [BT, HALF]
+    s = tl.load(sin_ptr + rp[:, None] * HALF + o[None, :], mask=m2, other=0.0).to(tl.float32)
     n64 = n.to(tl.int64)
     if hh < NH:
         src = q_ptr + (n64 * NH + hh) * D
@@ -113,17 +119,19 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc
         tl.store(vd[:, None] + HALF + o[None, :], tl.load(vs[:, None] + HALF + o[None, :], mask=m2), mask=m2)
 
 
-def rope_cache(q, k, v, cos, sin, kc, vc, pos, t: int):
+def rope_cache(q, k, v, cos, sin, kc, vc, pos, t: int, off: torch.Tensor | None = None):
     """q [N, nh*d], k/v [N, kv*d] (N = B*T) -> rotated q [N, nh, d]; rotated k and v written into the caches
-    kc/vc [B, kv, L, d] at cache index pos + t. cos/sin [L, d/2] (``Rope`` values, bf16)."""
+    kc/vc [B, kv, L, d] at cache index pos + t. cos/sin [L, d/2] (``Rope`` values, bf16). ``off`` [B] int32:
+    left padding of each row (RoPE position = cache index - off[b], as the reference's cumsum of the mask)."""
     n = q.shape[0]
     _, kv, L, d = kc.shape
     nh = q.shape[1] // d
     qo = torch.empty(n, nh, d, dtype=q.dtype, device=q.device)
     bt = min(32, next_pow2(n))
-    _rope_cache_kernel[(triton.cdiv(n, bt), nh + kv)](q, k, v, cos, sin, qo, kc, vc, pos, n, t, nh, kv, L,
-                                                      HALF=d // 2, BT=bt, num_warps=1 if bt == 1 else 2,
-                                                      **pdl_kw(q))
+    _rope_cache_kernel[(triton.cdiv(n, bt), nh + kv)](q, k, v, cos, sin, qo, kc, vc, pos,
+                                                      pos if off is None else off, n, t, nh, kv, L,
+                                                      HALF=d // 2, BT=bt, HAS_OFF=off is not None,
+                                                      num_warps=1 if bt == 1 else 2, **pdl_kw(q))
     return qo
 
 
@@ -131,10 +139,14 @@ def rope_cache(q, k, v, cos, sin, kc, vc, pos, t: int):
 
 
 @triton.jit
-def _attn_kernel(q_ptr, kc_ptr, vc_ptr, sink_ptr, o_ptr, pm_ptr, pl_ptr, pa_ptr, pos_ptr,
+def _attn_kernel(q_ptr, kc_ptr, vc_ptr, sink_ptr, o_ptr, pm_ptr, pl_ptr, pa_ptr, pos_ptr, off_ptr,
                  T, NH, KV, L, scale, chunk, R,
                  G: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, HAS_OFF: tl.constexpr, DOT_F32: tl.constexpr,
+                 PDL: tl.constexpr):
+    """Keys of row b start at cache index off[b] (``HAS_OFF``: left padding; else 0): every key range, the
+    decode splits included, is laid out from there, so a padded row reads its keys in the same blocks and
+    splits, summed in the same order, as the same sequence alone."""
     grid_dep(PDL)
     bk = tl.program_id(0)                        # b * KV + kv head
     qb = tl.program_id(1)                        # block of BM // G queries (all G heads of the kv head)
@@ -154,12 +166,15 @@ def _attn_kernel(q_ptr, kc_ptr, vc_ptr, sink_ptr, o_ptr, pm_ptr, pl_ptr, pa_ptr,
     t_lo = qb * TQ
     t_hi = tl.minimum(t_lo + TQ, T) - 1
     hi = start + t_hi + 1
-    lo = start - start
+    k0 = start - start                           # first real key of the row
+    if HAS_OFF:
+        k0 = tl.load(off_ptr + b)
+    lo = k0
     if WINDOW > 0:
-        lo = tl.maximum(start + t_lo - WINDOW + 1, 0)
+        lo = tl.maximum(start + t_lo - WINDOW + 1, k0)
     if SPLIT:
-        lo = tl.maximum(lo, sp * chunk)
-        hi = tl.minimum(hi, sp * chunk + chunk)
+        lo = tl.maximum(lo, k0 + sp * chunk)
+        hi = tl.minimum(hi, k0 + sp * chunk + chunk)
         m_i = tl.full([BM], -1.0e30, tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
     else:
@@ -173,7 +188,7 @@ def _attn_kernel(q_ptr, kc_ptr, vc_ptr, sink_ptr, o_ptr, pm_ptr, pl_ptr, pa_ptr,
         km = ks < hi
         kt = tl.load(kbase + ks.to(tl.int64)[None, :] * D + od[:, None], mask=km[None, :], other=0.0)   # [D, BN]
         s = bf16r(mma(q, kt, tl.zeros([BM, BN], dtype=tl.float32), DOT_F32)) * scale   # bf16 scores, as ref
-        ok = km[None, :] & (ks[None, :] <= qi[:, None])
+        ok = km[None, :] & (ks[None, :] <= qi[:, None]) & (ks[None, :] >= k0)
         if WINDOW > 0:
             ok = ok & (ks[None, :] > qi[:, None] - WINDOW)
         s = tl.where(ok, s, float("-inf"))
@@ -217,14 +232,15 @@ DECODE_KEYS_PER_SPLIT = 128
 
 
 def sink_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, sinks: torch.Tensor, pos: torch.Tensor,
-                   t: int, window: int, scale: float, split: bool) -> torch.Tensor:
+                   t: int, window: int, scale: float, split: bool, off: torch.Tensor | None = None) -> torch.Tensor:
     """Causal GQA attention with sinks over the cache.
 
     q [B*T, nh, d] rotated queries at cache indices pos + [0, T); kc/vc [B, kv, L, d] already hold keys up to
     pos + T. window 0 = full attention. ``split`` (decode): the keys are cut in splits of
     ``DECODE_KEYS_PER_SPLIT`` processed in parallel and merged (with the sink) by a second kernel; a
     sliding-window layer whose window fits one split reads so few keys that one pass without the merge launch
-    is faster, so it ignores ``split``.
+    is faster, so it ignores ``split``. ``off`` [B] int32: keys before cache index off[b] are row b's left
+    padding and are masked (a query on a pad sees no key: its output is 0).
     Returns o [B*T, nh, d] bf16.
     """
     n, nh, d = q.shape
@@ -232,6 +248,7 @@ def sink_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, sinks: t
     g = nh // kv
     o = torch.empty_like(q)
     pdl = pdl_kw(q)
+    offp = pos if off is None else off
     if split and not 0 < window <= DECODE_KEYS_PER_SPLIT:
         bm = max(16, g)
         ns = triton.cdiv(L, DECODE_KEYS_PER_SPLIT)
@@ -240,16 +257,16 @@ def sink_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, sinks: t
         pl = torch.empty_like(pm)
         pa = torch.empty(ns, r, d, dtype=torch.float32, device=q.device)
         grid = (bsz * kv, triton.cdiv(t * g, bm), ns)
-        _attn_kernel[grid](q, kc, vc, sinks, o, pm, pl, pa, pos, t, nh, kv, L, float(scale),
+        _attn_kernel[grid](q, kc, vc, sinks, o, pm, pl, pa, pos, offp, t, nh, kv, L, float(scale),
                            DECODE_KEYS_PER_SPLIT, r, G=g, D=d, WINDOW=window, SPLIT=True, BM=bm, BN=64,
-                           DOT_F32=INTERPRET, num_warps=4, num_stages=2, **pdl)
+                           HAS_OFF=off is not None, DOT_F32=INTERPRET, num_warps=4, num_stages=2, **pdl)
         _attn_combine_kernel[(r,)](pm, pl, pa, sinks, o, r, nh, ns, D=d, NSP=next_pow2(ns), num_warps=4, **pdl)
     else:
         bm = max(64, g)
         grid = (bsz * kv, triton.cdiv(t * g, bm), 1)
-        _attn_kernel[grid](q, kc, vc, sinks, o, o, o, o, pos, t, nh, kv, L, float(scale), 0, 0,
-                           G=g, D=d, WINDOW=window, SPLIT=False, BM=bm, BN=64, DOT_F32=INTERPRET,
-                           num_warps=4, num_stages=2, **pdl)
+        _attn_kernel[grid](q, kc, vc, sinks, o, o, o, o, pos, offp, t, nh, kv, L, float(scale), 0, 0,
+                           G=g, D=d, WINDOW=window, SPLIT=False, BM=bm, BN=64, HAS_OFF=off is not None,
+                           DOT_F32=INTERPRET, num_warps=4, num_stages=2, **pdl)
     return o
 
 

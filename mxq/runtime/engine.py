@@ -23,18 +23,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import INTERPRET, require_triton, y_f16_ok
-from .attn_kernels import advance, argmax_advance, embed_at, rmsnorm, rope_cache, sink_attention
-from .linear_kernels import linear_gemv
-from .fmt_kernels import FmtExperts, fmt_down_gemv, fmt_gate_up_gemv, fmt_moe_grouped
-from .moe_kernels import ExpertWeights, down_gemv, gate_up_gemv, moe_grouped, router_topk
-from .sampling import DeviceSampler, SamplingParams
-
 from . import RUNTIME_PATH
+from ._common import INTERPRET, next_pow2, require_triton, y_f16_ok
+from .attn_kernels import advance, argmax_advance, embed_at, rmsnorm, rope_cache, sink_attention
+from .fmt_kernels import FmtExperts, fmt_down_gemv, fmt_gate_up_gemv, fmt_moe_grouped
+from .linear_kernels import linear_gemv
+from .moe_kernels import GROUP_BM, MOE_BM, ExpertWeights, down_gemv, gate_up_gemv, moe_grouped, router_topk
+from .sampling import DeviceSampler, SamplingParams
 
 
 class UnsupportedModel(ValueError):
     """The model cannot run on the fast path (experts not packed, a format without a kernel, dtype, device)."""
+
+
+# Decode batches up to this many tokens run the dense projections as the batch-1 GEMV (``linear_gemv``), larger
+# ones through cuBLAS; from MOE_GROUPED_MIN_TOKENS tokens on the experts run as grouped GEMMs instead of the
+# per-pair GEMVs, which re-read an expert's weights for every (token, slot) pair routed to it.
+# Both are set from a byte count, not yet from a GPU timing (``bench/batch_profile.py`` times both paths): at
+# B = 8, k = 4, E = 32 the GEMVs read ~32 experts' weights a layer against the ~20 distinct experts a grouped
+# pass reads once.
+DENSE_GEMV_MAX_TOKENS = 4
+MOE_GROUPED_MIN_TOKENS = 8
+# Decode graphs are captured per batch bucket: a batch of b rows runs in the smallest bucket >= b (its extra
+# rows decode a dummy token that is dropped), so that serving many batch sizes captures few graphs.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+# Prompt tokens per chunk of rows in the fast prefill (bounds the activations at large batches).
+PREFILL_CHUNK_TOKENS = 16384
+# Decode steps between two checks of "every row has emitted EOS" (each check is one host sync).
+EOS_CHECK_STEPS = 16
+
+
+def batch_bucket(b: int) -> int:
+    """The smallest of ``BATCH_BUCKETS`` >= b; past the last, b rounded up to a multiple of 64."""
+    if b < 1:
+        raise ValueError(f"batch size must be >= 1, got {b}")
+    for v in BATCH_BUCKETS:
+        if v >= b:
+            return v
+    return -(-b // 64) * 64
 
 
 _STACKED_NAMES = {"mxfp4": ("blocks", "scales"), "bf16": ("weight",)}
@@ -131,7 +157,9 @@ class _Layer:
 
 class DecodeState:
     """Static buffers of one (batch, capacity): the KV cache, the token buffer ``seq`` [B, L+1] int32, the
-    device position ``pos`` (cache index of the token processed next), RoPE tables and the decode graph."""
+    device position ``pos`` (cache index of the token processed next, shared by every row), the left padding
+    ``off`` [B] int32 of each row (row b's tokens start at cache index off[b]; RoPE positions count from
+    there), RoPE tables and the decode graph."""
 
     def __init__(self, rt: "Runtime", batch: int, max_len: int):
         m = rt.model
@@ -140,6 +168,7 @@ class DecodeState:
         self.cache = m.new_cache(batch, max_len)
         self.seq = torch.zeros(batch, max_len + 1, dtype=torch.int32, device=dev)
         self.pos = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.off = torch.zeros(batch, dtype=torch.int32, device=dev)
         self.host_pos = 0
         cos, sin = m.rope(torch.arange(max_len, device=dev)[None], m.dtype)     # the reference's own tables
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()            # [L, d/2]
@@ -150,6 +179,10 @@ class DecodeState:
         self.mode = "greedy"
         self.sampler: DeviceSampler | None = None
         self.modes: dict[str, tuple] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes + self.seq.numel() * 4
 
 
 class Runtime:
@@ -182,37 +215,59 @@ class Runtime:
                 gu, ex.gate_up_bias, dn, ex.down_bias))
         self.alpha, self.limit = float(model.layers[0].mlp.experts.alpha), float(model.layers[0].mlp.experts.limit)
         self.expert_format = _format_summary(self.layers)
-        self._state: DecodeState | None = None
+        self._state: DecodeState | None = None             # the state used last
+        self._states: dict[int, DecodeState] = {}            # by batch bucket
+        self.dense_gemv_max_tokens = DENSE_GEMV_MAX_TOKENS
+        self.moe_grouped_min_tokens = MOE_GROUPED_MIN_TOKENS
 
     # ------------------------------------------------------------------------------------------- forward
-    def _layers(self, x: Tensor, t: int, st: DecodeState, decode: bool) -> Tensor:
-        """Every layer over x [N, H] (N = B*T); returns the final-normed hidden states [N, H]."""
+    def _decode_moe_tile(self, L: _Layer, n: int) -> int:
+        """Pairs per tile of the grouped MoE in a decode step of n tokens: the mean pairs per expert rounded up
+        to a power of two, at least 16 for ``fmt_kernels`` (the pairs are the dot's N operand) and 32 for
+        ``moe_kernels`` (the pairs are the M operand of ``tl.dot_scaled``; the smallest tile its tests cover),
+        at most the prefill tile."""
+        fmt = isinstance(L.gu, FmtExperts)
+        e = L.gu.num_experts if fmt else L.gu.w.shape[0]
+        lo, cap = (16, GROUP_BM) if fmt else (32, MOE_BM[L.gu.fmt])
+        return min(cap, max(lo, next_pow2(-(-n * self.top_k // e))))
+
+    def _layers(self, x: Tensor, t: int, st: DecodeState, decode: bool, rows: slice = slice(None)) -> Tensor:
+        """Every layer over x [N, H] (N = B*T, the state's rows ``rows``); returns the final-normed hidden
+        states [N, H].
+
+        Decode of a few tokens runs the batch-1 GEMVs (dense projections and experts stream their weights once
+        per token); from ``dense_gemv_max_tokens`` / ``moe_grouped_min_tokens`` tokens on, cuBLAS for the
+        dense projections and the grouped expert GEMMs (pairs sorted by expert, each expert's weights read once
+        per tile of pairs), which read the weights once for the whole batch."""
         n = x.shape[0]
+        off = st.off[rows]
+        dense_gemv = decode and n <= self.dense_gemv_max_tokens
+        moe_gemv = decode and n < self.moe_grouped_min_tokens
         h = rmsnorm(x, self.layers[0].ln1, self.eps)
         for i, L in enumerate(self.layers):
-            if decode:
+            if dense_gemv:
                 q, k, v = linear_gemv(h, [(L.wq, L.bq), (L.wk, L.bk), (L.wv, L.bv)])
             else:
                 q, k, v = F.linear(h, L.wq, L.bq), F.linear(h, L.wk, L.bk), F.linear(h, L.wv, L.bv)
-            kc, vc = st.cache.k[i], st.cache.v[i]
-            qr = rope_cache(q, k, v, st.cos, st.sin, kc, vc, st.pos, t)
-            o = sink_attention(qr, kc, vc, L.sinks, st.pos, t, L.window, self.scale, split=decode)
-            if decode:
-                a = linear_gemv(o.view(n, -1), [(L.wo, L.bo)])[0]
+            kc, vc = st.cache.k[i][rows], st.cache.v[i][rows]
+            qr = rope_cache(q, k, v, st.cos, st.sin, kc, vc, st.pos, t, off)
+            o = sink_attention(qr, kc, vc, L.sinks, st.pos, t, L.window, self.scale, split=decode, off=off)
+            a = linear_gemv(o.view(n, -1), [(L.wo, L.bo)])[0] if dense_gemv else F.linear(o.view(n, -1), L.wo, L.bo)
+            if moe_gemv:
                 x, h2, hs = rmsnorm(x, L.ln2, self.eps, delta=a, hs="h2perm" if L.gu.fp4 else "fp32")
             else:
-                a = F.linear(o.view(n, -1), L.wo, L.bo)
                 x, h2 = rmsnorm(x, L.ln2, self.eps, delta=a)
             idx, wt = router_topk(h2, L.wr, L.br, self.top_k)
-            if decode and isinstance(L.gu, FmtExperts):      # any format, one launch per format in the layer
+            if moe_gemv and isinstance(L.gu, FmtExperts):      # any format, one launch per format in the layer
                 y = fmt_gate_up_gemv(hs, idx, L.gu, L.gu_bias, self.alpha, self.limit)
                 z = fmt_down_gemv(y, idx, wt, L.dn, L.dn_bias)
-            elif decode:
+            elif moe_gemv:
                 y = gate_up_gemv(hs, idx, L.gu, L.gu_bias, self.alpha, self.limit, yperm=L.dn.fp4)
                 z = down_gemv(y, idx, wt, L.dn, L.dn_bias)
             else:
                 grouped = fmt_moe_grouped if isinstance(L.gu, FmtExperts) else moe_grouped
-                z = grouped(h2, idx, wt, L.gu, L.gu_bias, L.dn, L.dn_bias, self.alpha, self.limit)
+                z = grouped(h2, idx, wt, L.gu, L.gu_bias, L.dn, L.dn_bias, self.alpha, self.limit,
+                            bm=self._decode_moe_tile(L, n) if decode else None)
             nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.model.norm.weight
             x, h = rmsnorm(x, nxt, self.eps, moe=z)
         return h
@@ -258,15 +313,30 @@ class Runtime:
             self._capture(st)
         return st
 
+    def state_bytes(self, batch: int, max_len: int) -> int:
+        """Device bytes of a ``DecodeState``'s KV cache (bf16 keys and values of every layer)."""
+        c = self.cfg
+        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.model.dtype.itemsize
+        return per_token * batch * max_len
+
     def state_for(self, batch: int, need: int) -> DecodeState:
-        """A cached state with room for ``need`` positions (capacity rounded up to 256; graph reused)."""
-        st = self._state
-        if st is None or st.batch != batch or st.max_len < need:
-            self._state = None
-            st = None
-            if torch.cuda.is_available():
+        """The state of ``batch``'s bucket (``batch_bucket``) with room for ``need`` positions (capacity rounded
+        up to 256). States and their graphs are kept per bucket while they fit in free device memory beside the
+        new one; otherwise the others are dropped first."""
+        bucket = batch_bucket(batch)
+        cap = -(-need // 256) * 256
+        st = self._states.get(bucket)
+        if st is None or st.max_len < cap:
+            self._states.pop(bucket, None)
+            self._state = st = None
+            if torch.cuda.is_available() and self.model.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self._state = st = self.new_state(batch, -(-need // 256) * 256)
+                free = torch.cuda.mem_get_info(self.model.device)[0]
+                if self._states and self.state_bytes(bucket, cap) * 1.1 + (2 << 30) > free:
+                    self._states.clear()
+                    torch.cuda.empty_cache()
+            st = self._states[bucket] = self.new_state(bucket, cap)
+        self._state = st
         return st
 
     def _capture(self, st: DecodeState) -> None:
@@ -289,23 +359,46 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------------- API
     @torch.no_grad()
-    def prefill(self, st: DecodeState, input_ids: Tensor, mode: str = "fast") -> Tensor:
-        """Run the prompt [B, T] from position 0; returns the last position's logits [B, V]."""
+    def prefill(self, st: DecodeState, input_ids: Tensor, mode: str = "fast", attention_mask: Tensor | None = None,
+                chunk_events: list | None = None) -> Tensor:
+        """Run the prompts [b, T] (b <= the state's batch; left-padded where ``attention_mask`` [b, T] has
+        zeros) from cache position 0; returns the last position's logits [b, V].
+
+        Rows past b (the rest of the batch bucket) get no prompt: their keys start at T, so a decode step reads
+        only what it wrote itself for them. The fast prefill runs the rows in chunks of about
+        ``PREFILL_CHUNK_TOKENS`` tokens (activations stay bounded at B = 256 x 4,096); ``chunk_events``, a list,
+        receives (rows done, CUDA event) after each chunk (per-row time to first token)."""
         b, t = input_ids.shape
-        if b != st.batch or t >= st.max_len:
+        if b > st.batch or t >= st.max_len:
             raise ValueError(f"prompt {tuple(input_ids.shape)} does not fit the state ({st.batch}, {st.max_len})")
-        st.seq[:, :t] = input_ids.to(torch.int32)
+        off = left_padding(input_ids, attention_mask)                        # [b] int64
+        st.seq[:b, :t] = input_ids.to(torch.int32)
+        st.seq[b:] = 0
+        st.off[:b] = off.to(torch.int32)
+        st.off[b:] = t
         st.pos.zero_()
         if mode == "reference":
             c = st.cache
             c.length = 0
             c.key_valid.zero_()
             c.next_pos.zero_()
-            logits = self.model(input_ids, cache=c, logits="last").logits[:, -1]
+            ids = st.seq[:, :t].long()
+            mask = (torch.arange(t, device=ids.device)[None] >= st.off[:, None]).long()
+            mask[b:, -1] = 1                              # the reference needs a real token per row
+            logits = self.model(ids, attention_mask=mask, cache=c, logits="last").logits[:b, -1]
         elif mode == "fast":
-            x = F.embedding(input_ids.reshape(-1), self.model.embed_tokens.weight)
-            h = self._layers(x, t, st, decode=False)
-            logits = F.linear(h.view(b, t, -1)[:, -1], self.model.lm_head.weight)
+            chunk = max(1, PREFILL_CHUNK_TOKENS // t)
+            parts = []
+            for r0 in range(0, b, chunk):
+                r1 = min(b, r0 + chunk)
+                x = F.embedding(input_ids[r0:r1].reshape(-1), self.model.embed_tokens.weight)
+                h = self._layers(x, t, st, decode=False, rows=slice(r0, r1))
+                parts.append(F.linear(h.view(r1 - r0, t, -1)[:, -1], self.model.lm_head.weight))
+                if chunk_events is not None and input_ids.is_cuda:
+                    ev = torch.cuda.Event(enable_timing=True)
+                    ev.record()
+                    chunk_events.append((r1, ev))
+            logits = parts[0] if len(parts) == 1 else torch.cat(parts)
             st.cache.length = t
         else:
             raise ValueError(f"prefill mode {mode!r} is not 'fast' or 'reference'")
@@ -315,14 +408,14 @@ class Runtime:
 
     @torch.no_grad()
     def step(self, st: DecodeState, tokens: Tensor | None = None) -> Tensor:
-        """One decode step at ``st.host_pos``. ``tokens`` [B] forces the input token (teacher forcing);
-        otherwise the token the previous step chose is used. Returns logits [B, V] (a static buffer when a
-        graph is used: clone it to keep it). The step also writes its chosen token (argmax, or a sample after
-        ``use_sampling``) into seq[:, pos + 1]."""
+        """One decode step at ``st.host_pos``. ``tokens`` [b] forces the input token of the first b rows
+        (teacher forcing); otherwise the token the previous step chose is used. Returns logits [B, V] (a static
+        buffer when a graph is used: clone it to keep it). The step also writes its chosen token (argmax, or a
+        sample after ``use_sampling``) into seq[:, pos + 1]."""
         if st.host_pos >= st.max_len:
             raise ValueError(f"KV cache full at {st.host_pos} positions")
         if tokens is not None:
-            st.seq[:, st.host_pos] = tokens.to(torch.int32)
+            st.seq[:tokens.shape[0], st.host_pos] = tokens.to(torch.int32)
         if st.graph is not None:
             st.graph.replay()
             logits = st.logits
@@ -334,26 +427,39 @@ class Runtime:
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id=None, prefill: str = "fast",
                  timings: dict | None = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0) -> Tensor:
+                 top_p: float = 1.0, top_k: int = 0, attention_mask: Tensor | None = None) -> Tensor:
         """Greedy, or (``do_sample``) temperature / top-k / top-p sampling with the default CUDA generator
-        (seed it with ``torch.manual_seed``); temperature 0 is greedy. Rows without padding."""
+        (seed it with ``torch.manual_seed``); temperature 0 is greedy. ``attention_mask`` [B, T]: left padding
+        (1 = token, 0 = pad), as transformers' ``generate``; returns [B, T + new] with the padding kept.
+
+        Each row stops at its first EOS (later tokens are eos[0], as the reference ``generate``); decoding
+        ends when every row has stopped (checked every ``EOS_CHECK_STEPS`` steps: one host sync each) or after
+        ``max_new_tokens``."""
         b, t = input_ids.shape
         if max_new_tokens <= 0:
             return input_ids
         st = self.state_for(b, t + max_new_tokens)
         self.use_sampling(st, SamplingParams(temperature, top_p, top_k) if do_sample else None)
         cuda = input_ids.is_cuda
+        chunks: list = []
         if cuda:
             ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
             ev[0].record()
         t0 = time.perf_counter()
-        logits = self.prefill(st, input_ids, prefill)
-        st.seq[:, t] = self.choose(st, logits).to(torch.int32)
+        logits = self.prefill(st, input_ids, prefill, attention_mask=attention_mask, chunk_events=chunks)
+        st.seq[:b, t] = self.choose(st, logits).to(torch.int32)
         if cuda:
             ev[1].record()
         t1 = time.perf_counter()
-        for _ in range(max_new_tokens - 1):
+        eos = None if eos_token_id is None else torch.tensor(
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
+        steps = 0
+        while steps < max_new_tokens - 1:
             self.step(st)
+            steps += 1
+            if eos is not None and steps % EOS_CHECK_STEPS == 0 and \
+                    bool(torch.isin(st.seq[:b, t:t + steps + 1], eos).any(1).all()):
+                break
         if cuda:
             ev[2].record()
             torch.cuda.synchronize()
@@ -361,13 +467,40 @@ class Runtime:
         if timings is not None:
             if cuda:
                 timings.update(prefill_ms=ev[0].elapsed_time(ev[1]), decode_ms=ev[1].elapsed_time(ev[2]))
+                rows_ms, done = [], 0
+                for r1, e in chunks:                       # per-row end of its prefill chunk
+                    rows_ms += [ev[0].elapsed_time(e)] * (r1 - done)
+                    done = r1
+                timings["ttft_rows_ms"] = rows_ms or [timings["prefill_ms"]] * b
             else:
                 timings.update(prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3)
-            timings["decode_steps"] = max_new_tokens - 1
-        new = st.seq[:, t:t + max_new_tokens].long()
-        if eos_token_id is not None:
+            timings["decode_steps"] = steps
+            timings["batch_bucket"] = st.batch
+        new = st.seq[:b, t:t + steps + 1].long()
+        if eos is not None:
             new = _apply_eos(new, eos_token_id)
         return torch.cat([input_ids, new], dim=1)
+
+
+def left_padding(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Pads at the start of each row [B] (int64) of a left-padded ``attention_mask`` [B, T] (1 = token,
+    0 = pad); zeros without a mask. A mask of another shape, with values other than 0/1, with a pad after a
+    token (right or inner padding) or with an empty row is refused."""
+    b, t = input_ids.shape
+    if attention_mask is None:
+        return torch.zeros(b, dtype=torch.long, device=input_ids.device)
+    m = attention_mask.to(input_ids.device)
+    if tuple(m.shape) != (b, t):
+        raise ValueError(f"attention_mask has shape {tuple(m.shape)}, input_ids {(b, t)}")
+    mi = m.long()
+    if bool(((mi != 0) & (mi != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (pad) and 1 (token)")
+    if t > 1 and bool((mi[:, 1:] < mi[:, :-1]).any()):
+        raise ValueError("attention_mask: the fast path takes left padding only (a pad follows a token in some "
+                         "row); pad prompts on the left, as transformers' generate does for decoder-only models")
+    if bool((mi[:, -1] == 0).any()):
+        raise ValueError("attention_mask: some row has no token")
+    return t - mi.sum(1)
 
 
 def _apply_eos(new: Tensor, eos_token_id) -> Tensor:
@@ -406,3 +539,28 @@ def decode_bytes_per_token(model, context: int) -> dict:
     total = experts + attn + router + kv + head
     return {"experts": experts, "attention": attn, "router": router, "kv_cache": kv, "lm_head_norm_embed": head,
             "total": total}
+
+
+def decode_bytes_per_step(model, context: int, batch: int) -> dict:
+    """Bytes a decode step of ``batch`` rows at ``context`` keys each must read: the dense weights (attention,
+    router, norms, lm_head) once, each expert that at least one of the batch's tokens is routed to once (the
+    expected number of distinct experts per layer under uniform routing, E (1 - (1 - k/E)^B), times the mean
+    bytes of the layer's experts in their own formats, bias rows included), B embedding rows and every row's
+    KV cache (sliding-window layers read at most their window). ``batch=1`` equals ``decode_bytes_per_token``
+    up to the expert count (k at batch 1)."""
+    cfg = model.config
+    k = cfg.num_experts_per_tok
+    one = decode_bytes_per_token(model, context)
+    nb = lambda t: t.numel() * t.element_size()                               # noqa: E731
+    experts = 0.0
+    for lyr in model.layers:
+        ex = lyr.mlp.experts
+        e = ex.num_experts
+        per = (sum(ex.packed(kind, j).nbytes for kind in ex.KINDS for j in range(e)) + nb(ex.gate_up_bias)
+               + nb(ex.down_bias)) / e
+        experts += per * e * (1.0 - (1.0 - min(k, e) / e) ** batch)
+    embed = (batch - 1) * cfg.hidden_size * model.dtype.itemsize
+    out = {"experts": int(experts), "attention": one["attention"], "router": one["router"],
+           "kv_cache": batch * one["kv_cache"], "lm_head_norm_embed": one["lm_head_norm_embed"] + embed}
+    out["total"] = sum(out.values())
+    return out

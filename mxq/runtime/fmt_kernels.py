@@ -249,7 +249,7 @@ def _fmt_gate_up_gemv_kernel(x_ptr, idx_ptr, slot_ptr, sidx_ptr, slot, w_ptr, s_
     e = tl.load(idx_ptr + p)
     mine, j = _slot_of(slot_ptr, sidx_ptr, e, slot)
     rows = nb * (2 * BN) + tl.arange(0, 2 * BN)           # interleaved gate (even) / up (odd) rows
-    rm = (rows < 2 * I) & mine
+    rm = tl.where(mine, rows < 2 * I, False)      # (where, not &: the interpreter's & of a scalar mask fails)
     acc = _fmt_rows_dot(x_ptr + t * K, w_ptr + j * s_we, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, j, rows, rm,
                         tl.where(mine, WPR, 0), WPR, s_wr, s_se, s_sr, s_sg, s_ne, FMT, EPW, GW, SROW, ASYM,
                         2 * BN, BW, NS)
@@ -258,7 +258,7 @@ def _fmt_gate_up_gemv_kernel(x_ptr, idx_ptr, slot_ptr, sidx_ptr, slot, w_ptr, s_
     a_g, a_u = tl.split(tl.reshape(a, (BN, 2)))
     y = bf16r(swiglu(a_g, a_u, alpha, limit))
     offs = nb * BN + tl.arange(0, BN)
-    tl.store(y_ptr + p.to(tl.int64) * I + offs, y, mask=(offs < I) & mine)
+    tl.store(y_ptr + p.to(tl.int64) * I + offs, y, mask=tl.where(mine, offs < I, False))
 
 
 @autotune(_FMT_GEMV_CONFIGS, key=_GEMV_KEY + ["H"])
@@ -274,7 +274,7 @@ def _fmt_down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, slot_ptr, sidx_ptr, slot, w_pt
     e = tl.load(idx_ptr + p)
     mine, j = _slot_of(slot_ptr, sidx_ptr, e, slot)
     rows = hb * BN + tl.arange(0, BN)
-    rm = (rows < H) & mine
+    rm = tl.where(mine, rows < H, False)
     gw = tl.load(wt_ptr + p)
     acc = _fmt_rows_dot(y_ptr + p * K, w_ptr + j * s_we, s_ptr, z_ptr, g_ptr, n_ptr, lut_ptr, j, rows, rm,
                         tl.where(mine, WPR, 0), WPR, s_wr, s_se, s_sr, s_sg, s_ne, FMT, EPW, GW, SROW, ASYM, BN, BW,
@@ -290,7 +290,7 @@ def _fmt_down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, slot_ptr, sidx_ptr, slot, w_pt
 # gathers the pipeliner multi-buffers.)
 _FMT_GROUPED_CONFIGS = [cfg(4, 3, BN=32, BK=128), cfg(8, 3, BN=64, BK=128), cfg(8, 2, BN=32, BK=256),
                         cfg(8, 2, BN=64, BK=128)]
-_GROUPED_KEY = ["P", "K", "FMT", "GW", "SROW", "ASYM"]
+_GROUPED_KEY = ["P", "K", "FMT", "GW", "SROW", "ASYM", "BM"]
 
 
 @autotune(_FMT_GROUPED_CONFIGS, key=_GROUPED_KEY + ["I"])
@@ -305,7 +305,7 @@ def _fmt_gate_up_grouped_kernel(x_ptr, order_ptr, te_ptr, ts_ptr, tn_ptr, slot_p
     nb = tl.program_id(1)
     e, rows, rm, live = tile_rows(ts_ptr, tn_ptr, te_ptr, BM)
     mine, j = _slot_of(slot_ptr, sidx_ptr, e, slot)
-    rm = rm & mine
+    rm = tl.where(mine, rm, False)
     pair = tl.load(order_ptr + rows, mask=rm, other=0)
     tok = (pair // TOPK).to(tl.int64)
     cols = nb * (2 * BN) + tl.arange(0, 2 * BN)
@@ -335,7 +335,7 @@ def _fmt_down_grouped_kernel(y_ptr, order_ptr, wt_ptr, te_ptr, ts_ptr, tn_ptr, s
     nb = tl.program_id(1)
     e, rows, rm, live = tile_rows(ts_ptr, tn_ptr, te_ptr, BM)
     mine, j = _slot_of(slot_ptr, sidx_ptr, e, slot)
-    rm = rm & mine
+    rm = tl.where(mine, rm, False)
     pair = tl.load(order_ptr + rows, mask=rm, other=0).to(tl.int64)
     gw = tl.load(wt_ptr + pair, mask=rm, other=0.0)
     cols = nb * BN + tl.arange(0, BN)
@@ -547,21 +547,26 @@ def fmt_down_gemv(y: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, dn: FmtE
 
 
 def fmt_moe_grouped(x: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor, gu: FmtExperts, gu_bias: torch.Tensor,
-                    dn: FmtExperts, dn_bias: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """Prefill MoE for ``FmtExperts``: x [N, H] bf16 -> z [N, k, H] fp32 = wt_j * f_{e_j}(x)."""
+                    dn: FmtExperts, dn_bias: torch.Tensor, alpha: float, limit: float,
+                    bm: int | None = None) -> torch.Tensor:
+    """Prefill (and batched decode) MoE for ``FmtExperts``: x [N, H] bf16 -> z [N, k, H] fp32 = wt_j * f_{e_j}(x).
+
+    ``bm``: pairs per tile (a power of two >= 16, default ``GROUP_BM``); the pairs are the dot's N operand
+    (the decoded weight tile is A), so small tiles suit a decode batch with a few pairs per expert."""
     n, k = idx.shape
     p = n * k
     i, h = gu.out_f // 2, dn.out_f
-    order, te, ts, tn = expert_tiles(idx, gu.num_experts)
+    bm = GROUP_BM if bm is None else int(bm)
+    order, te, ts, tn = expert_tiles(idx, gu.num_experts, bm)
     tmax = te.numel()
     y = torch.empty(p, i, dtype=torch.bfloat16, device=x.device)             # rows in sorted order
     for s, st in enumerate(gu.stacks):
         launch(_fmt_gate_up_grouped_kernel, lambda m: (tmax, triton.cdiv(i, m["BN"])),
                x, order, te, ts, tn, gu.slot, gu.sidx, s, *st.args(), gu_bias, y, p, gu.in_f, i, *st.strides(),
-               float(alpha), float(limit), TOPK=k, BM=GROUP_BM, DOT_F32=INTERPRET, **st.meta())
+               float(alpha), float(limit), TOPK=k, BM=bm, DOT_F32=INTERPRET, **st.meta())
     z = torch.empty(p, h, dtype=torch.float32, device=x.device)              # rows by pair id t*k + j
     for s, st in enumerate(dn.stacks):
         launch(_fmt_down_grouped_kernel, lambda m: (tmax, triton.cdiv(h, m["BN"])),
                y, order, wt.reshape(-1), te, ts, tn, dn.slot, dn.sidx, s, *st.args(), dn_bias, z, p, dn.in_f, h,
-               *st.strides(), BM=GROUP_BM, DOT_F32=INTERPRET, **st.meta())
+               *st.strides(), BM=bm, DOT_F32=INTERPRET, **st.meta())
     return z.view(n, k, h)

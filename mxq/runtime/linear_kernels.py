@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import autotune, cfg, launch, tl, triton
+from ._common import INTERPRET, autotune, cfg, launch, tl, triton
 from .pdl import grid_dep, pdl_kw
 
 # NS: stages of the K loop's software pipeline (``tl.range``; a plain ``range`` loop is not pipelined for loads
@@ -43,6 +43,10 @@ def _gemv3_kernel(x_ptr, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2, K, NMAX
         acc += wv.to(tl.float32) * xv[None, :]
     out = tl.sum(acc, axis=1) + tl.load(b + rows, mask=rm, other=0.0).to(tl.float32)
     tl.store(y + t * n + rows, out.to(tl.bfloat16), mask=rm)
+
+
+if INTERPRET:   # the interpreter runs one config per kernel (``_common.autotune``): large tiles, few programs
+    _gemv3_kernel._mxq_default = dict(BN=128, BK=256, NS=1)
 
 
 def linear_gemv(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:

@@ -273,6 +273,11 @@ def _down_gemv_kernel(y_ptr, idx_ptr, wt_ptr, w_ptr, s_ptr, bias_ptr, z_ptr, P, 
     tl.store(z_ptr + p * H + rows, gw * bf16r(bf16r(acc) + bias), mask=rm)
 
 
+if INTERPRET:   # the interpreter runs one config per kernel (``_common.autotune``): large tiles, few programs
+    _gate_up_gemv_kernel._mxq_default = dict(BN=64, BG=16, NS=1)
+    _down_gemv_kernel._mxq_default = dict(BN=128, BG=16, NS=1)
+
+
 class ExpertWeights:
     """One layer's stacked expert tensors of one kind, as the kernels take them."""
 
