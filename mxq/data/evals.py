@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 EVALS_DIR = Path(__file__).resolve().parents[2] / "evals"
-GROUPS = ("tiny_ppl", "tiny_cloze", "tiny_nextsent", "tiny_all")
+GROUPS = ("tiny_ppl", "tiny_cloze", "tiny_wordchoice", "tiny_nextsent", "tiny_all")
 
 
 def _absolute(files: Any, base: Path) -> Any:
