@@ -152,3 +152,23 @@ def test_ablation_report_classifies_planted_and_null(tmp_path, capsys):
     assert "worse" in out and NOISE in out
     tables = [line for line in out.splitlines() if not line.endswith((".md", ".csv", ".png"))]  # not the paths
     assert max(len(line) for line in tables) <= 80                              # readable in 80 columns
+
+
+def test_lmeval_samples_become_ratio_units_matching_lm_eval():
+    """Per-document values reproduce lm-eval's aggregate of each metric (mean, perplexity, word perplexity,
+    bits per byte), so intervals are built around exactly the reported number."""
+    ll = [-3.0, -5.0, -4.0]
+    rows = [{"doc_id": i, "acc": a, "perplexity": x, "word_perplexity": (x, w), "bits_per_byte": (x, 4 * w)}
+            for i, (a, x, w) in reversed(list(enumerate(zip([1, 0, 1], ll, [2, 3, 1]))))]
+    cfg = {"metric_list": [{"metric": "perplexity", "aggregation": "perplexity"}, {"metric": "acc"}]}
+    t = per_doc.lmeval_units({"t": rows}, {"t": cfg}, {"t": ["acc", "perplexity", "word_perplexity",
+                                                             "bits_per_byte"]})["t"]
+    assert t["doc_id"] == [0, 1, 2]
+    val = {m: per_doc.lmeval_metric(t, m).value() for m in t["metrics"]}
+    assert val["acc"] == pytest.approx(2 / 3)
+    assert val["perplexity"] == pytest.approx(math.exp(4.0))                    # exp(-mean loglik)
+    assert val["word_perplexity"] == pytest.approx(math.exp(12.0 / 6))          # exp(-sum ll / sum words)
+    assert val["bits_per_byte"] == pytest.approx(12.0 / 24 / math.log(2))
+    assert {m: d["aggregation"] for m, d in t["metrics"].items()} == {
+        "acc": "mean", "perplexity": "perplexity", "word_perplexity": "weighted_perplexity",
+        "bits_per_byte": "bits_per_byte"}

@@ -116,12 +116,13 @@ def aggregation_name(task_config: dict[str, Any] | None, metric: str) -> str:
     """lm-eval's aggregation of ``metric`` in a task, by name: the task config's ``metric_list`` entry when it
     names one, else lm-eval's registered default for the metric, else ``mean`` (what lm-eval itself falls
     back to)."""
+    import lm_eval.api.metrics  # noqa: F401  (registers lm-eval's metrics and aggregations)
     from lm_eval.api.registry import AGGREGATION_REGISTRY, METRIC_AGGREGATION_REGISTRY
 
     for entry in (task_config or {}).get("metric_list") or []:
         if entry.get("metric") == metric and isinstance(entry.get("aggregation"), str):
             return entry["aggregation"]
-    fn = METRIC_AGGREGATION_REGISTRY.get(metric)
+    fn = METRIC_AGGREGATION_REGISTRY.get(metric, None)
     return next((k for k, v in AGGREGATION_REGISTRY.items() if v is fn), "mean") if fn else "mean"
 
 

@@ -1,0 +1,206 @@
+"""Does the default evaluation suite tell compression plans apart? Baseline vs pruned variants of the embedded
+model, every task with its 95% interval and a paired test, beside each task's no-model floor.
+
+    python bench/eval_suite.py --work /tmp/mxq-suite [--variants reap50,freq50,reap25,freq25] [--seeds 1,2]
+
+Runs ``python -m mxq.run`` once per variant into ``WORK/<variant>`` (CPU, float32, speed off: this is about
+accuracy), with the ``standard`` preset's held-out perplexity (4,096 tokens per domain, window 1,024,
+stride 512) and the default lm-eval suite ``tiny_all`` over all items, then the ablation report
+(``mxq.evaluate.ablation.write_ablation``) over the run folders: per-task paired differences against the
+baseline on the same documents. ``--seeds`` adds REAP 50% runs with other calibration seeds (held-out
+perplexity and KL only, to save CPU time). Writes
+``bench/results/eval_suite_cpu.{md,json}``; every run folder stays usable with ``python -m mxq.report WORK``.
+Runs that already have a metrics.json in WORK are reused (``--fresh`` reruns them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# label -> Hydra overrides of the run
+VARIANTS: dict[str, list[str]] = {
+    "baseline": ["recipe=baseline"],
+    "reap50": ["recipe=prune_50pct", "recipe.prune.criterion=reap"],
+    "freq50": ["recipe=prune_50pct", "recipe.prune.criterion=frequency"],
+    "reap25": ["recipe=prune_25pct", "recipe.prune.criterion=reap"],
+    "freq25": ["recipe=prune_25pct", "recipe.prune.criterion=frequency"],
+}
+COMMON = ["eval=standard", "++eval.speed.enabled=false", "++eval.memory.measure_peak=false", "++eval.threads=1",
+          "++eval.progress=false", "++eval.report.print_summary=false", "++eval.lm_eval.tasks=[tiny_all]",
+          "++eval.lm_eval.batch_size=32", "++eval.lm_eval.bootstrap_iters=1000", "recipe.export.enabled=false",
+          "generate.max_new_tokens=0", "device=cpu"]
+FLOORS = {"tiny_wordchoice": ("mxq.data.wordchoice_baseline", "acc"), "tiny_nextsent": ("mxq.data.nextsent_baseline", "acc")}
+
+
+def run_variant(label: str, overrides: list[str], work: Path, cache: Path, fresh: bool) -> tuple[Path, float]:
+    run_dir = work / label
+    if (run_dir / "metrics.json").is_file() and not fresh:
+        return run_dir, float("nan")
+    cmd = [sys.executable, "-m", "mxq.run", *overrides, *COMMON, f"cache_dir={cache}", f"hydra.run.dir={run_dir}"]
+    t0 = time.perf_counter()
+    with open(work / f"{label}.log", "w") as log:
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return run_dir, time.perf_counter() - t0
+
+
+def unigram_ppl(domain: str, tokenizer) -> float:
+    """Held-out perplexity of an add-one unigram over the train split's tokens (the no-model floor of perplexity)."""
+    import math
+    from collections import Counter
+
+    from mxq.data.corpus import load_text
+
+    train = Counter(tokenizer(load_text(domain, "train"), add_special_tokens=False).input_ids)
+    total, vocab = sum(train.values()), len(tokenizer)
+    held = tokenizer(load_text(domain, "heldout")[:4096 * 8], add_special_tokens=False).input_ids[:4096]
+    nll = -sum(math.log((train[t] + 1) / (total + vocab)) for t in held[1:])
+    return math.exp(nll / (len(held) - 1))
+
+
+def _v(x: list | None, digits: int = 4) -> str:
+    """``value [lo, hi]`` of a ``[value, lo, hi]`` triple."""
+    if not x or x[0] is None:
+        return "-"
+    ci = f" [{x[1]:.{digits}g}, {x[2]:.{digits}g}]" if x[1] is not None else ""
+    return f"{x[0]:.{digits}g}{ci}"
+
+
+def _d(row: dict) -> str:
+    return f"{row['delta']:+.3g} [{row['ci_low']:.3g}, {row['ci_high']:.3g}]"
+
+
+# the metric each default-suite family is judged on, and its floor (family -> floor name in FLOORS' output)
+PRIMARY = {"tiny_ppl": "word_perplexity", "tiny_cloze": "acc", "tiny_wordchoice": "acc"}
+
+
+def render(out: dict) -> str:
+    """BENCHMARKS-ready markdown of the JSON this script writes."""
+    runs, paired = out["runs"], out["paired"]
+    base = "baseline"
+    p50 = next((lab for lab, r in runs.items() if r["folder"] == "reap50"), None)
+    idx = {(r["variant"], r["reference"], r["metric"]): r for r in paired if r.get("verdict")}
+    lines = [f"# Evaluation suite on the embedded model (bench/eval_suite.py)\n",
+             f"Date {out['date']}; {out['env']['cpu']}, {out['env']['cpu_count']} cores, torch {out['env']['torch']}, "
+             f"float32; git {out['env']['git_revision']}. Command: `{out['command']}`. Load average at the end "
+             f"{out['load_avg'][0]:.1f} (shared machine: wall times are upper bounds).\n",
+             "Intervals: 95%; a run's own: Wilson (accuracies) or BCa bootstrap over documents / 32-token blocks; "
+             "paired delta: percentile bootstrap over the same items (2,000 resamples, seed 0) and its p-value.\n"]
+    if p50:
+        lines += [f"## Every default task: baseline vs `{p50}` (REAP 50%)\n",
+                  "| task | metric | baseline [95% CI] | REAP 50% [95% CI] | paired delta [95% CI] | p | separated | "
+                  "no-model floor |", "|---|---|---|---|---|---|---|---|"]
+        fl = out["floors"].get("tiny_wordchoice", {})
+        for task in sorted(runs[base]["tasks"]):
+            fam = next((f for f in PRIMARY if task.startswith(f + "_")), None)
+            if fam is None:
+                continue
+            m = PRIMARY[fam]
+            row = idx.get((p50, base, f"{task}.{m}"))
+            dom = task[len(fam) + 1:]
+            if fam == "tiny_wordchoice":
+                floor = (f"chance 0.25, unigram {fl['unigram']['per_domain'][dom]:.3f}, context "
+                         f"{fl['context_count']['per_domain'][dom]:.3f} (bigram {fl['bigram']['per_domain'][dom]:.3f})")
+            elif fam == "tiny_cloze":
+                floor = "exact next word: ~0 without a model"
+            else:
+                floor = f"unigram token ppl {out['unigram_token_ppl'][dom]:.0f}"
+            lines.append(f"| {task} | {m} | {_v(runs[base]['tasks'][task].get(m))} | "
+                         f"{_v(runs[p50]['tasks'].get(task, {}).get(m))} | {_d(row) if row else '-'} | "
+                         f"{row['p']:.3g} | {'yes' if row and row['verdict'] != '~' else 'NO'} | {floor} |"
+                         if row else f"| {task} | {m} | {_v(runs[base]['tasks'][task].get(m))} | - | - | - | - | {floor} |")
+        lines.append("")
+    lines += ["## REAP vs frequency pruning\n",
+              "| run | held-out ppl [95% CI] | delta vs baseline [95% CI] | KL mean [95% CI] | top-1 agreement | "
+              "wordchoice acc |", "|---|---|---|---|---|---|"]
+    for lab, r in runs.items():
+        row = idx.get((lab, base, "ppl_mean"))
+        wc = [r["tasks"].get(f"tiny_wordchoice_{d}", {}).get("acc", [None])[0] for d in out["unigram_token_ppl"]]
+        wc_mean = sum(wc) / len(wc) if all(w is not None for w in wc) else None
+        lines.append(f"| {lab} | {_v(r['ppl_mean'])} | {_d(row) if row else '-'} | {_v(r['kl_mean'], 3)} | "
+                     f"{_v(r['top1_agreement'], 3)} | {'-' if wc_mean is None else f'{wc_mean:.3f}'} |")
+    pairs = [r for r in paired if r.get("verdict") and r["reference"] != base and r["metric"] == "ppl_mean"]
+    if pairs:
+        lines += ["", "| paired on the same tokens | held-out ppl delta [95% CI] | p | verdict |", "|---|---|---|---|"]
+        lines += [f"| {r['variant']} - {r['reference']} | {_d(r)} | {r['p']:.3g} | {r['verdict']} |" for r in pairs]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--variants", default="reap50,freq50,reap25,freq25")
+    ap.add_argument("--seeds", default="", help="extra calib.seed values for REAP 50%% (e.g. 1,2)")
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "eval_suite_cpu")
+    ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
+    a = ap.parse_args()
+    if a.render:
+        a.out.with_suffix(".md").write_text(render(json.loads(a.out.with_suffix(".json").read_text())))
+        return
+    from mxq.runmeta import environment
+
+    a.work.mkdir(parents=True, exist_ok=True)
+    cache = a.work / "cache"
+    plan = [("baseline", VARIANTS["baseline"])]
+    plan += [(v, VARIANTS[v]) for v in a.variants.split(",") if v]
+    plan += [(f"reap50_s{s}", [*VARIANTS["reap50"], f"calib.seed={s}", "++eval.lm_eval.enabled=false"])
+             for s in a.seeds.split(",") if s]               # seeds: held-out perplexity and KL only (CPU time)
+    walls = {}
+    for label, ov in plan:
+        t = time.strftime("%H:%M:%S")
+        print(f"[{t}] {label}: {' '.join(ov)}", flush=True)
+        _, walls[label] = run_variant(label, ov, a.work, cache, a.fresh)
+    from mxq.evaluate.ablation import write_ablation
+    from mxq.evaluate.intervals import Settings
+
+    from mxq.evaluate.ablation import load_runs
+
+    dirs = [a.work / lab for lab, _ in plan]
+    label_of = {r["dir"].name: r["label"] for r in load_runs(dirs)}        # folder name -> report label
+    pairs = [(label_of[r], label_of[f]) for r, f in (("reap50", "freq50"), ("reap25", "freq25"))
+             if r in label_of and f in label_of]
+    paths = write_ablation(dirs, a.work / "report", pairs=pairs, settings=Settings(seed=0))
+    import pandas as pd
+
+    long = pd.read_csv(paths["paired_csv"])
+    floors = {fam: __import__(mod, fromlist=["measure"]).measure() for fam, (mod, _) in FLOORS.items()}
+    from mxq import load_tokenizer
+
+    tok = load_tokenizer("tiny")
+    from mxq.data.corpus import DOMAINS
+
+    uni = {d: unigram_ppl(d, tok) for d in DOMAINS}
+    runs = {}
+    for r in load_runs(dirs):
+        acc = r["metrics"].get("accuracy") or {}
+        le, kl = acc.get("lm_eval") or {}, acc.get("kl_vs_baseline") or {}
+        runs[r["label"]] = {
+            "folder": r["dir"].name,
+            "ppl_mean": [acc["perplexity"]["mean"], *(acc.get("perplexity_ci", {}).get("mean") or [None, None])],
+            "kl_mean": [kl.get("mean"), *(kl.get("mean_ci") or [None, None])],
+            "top1_agreement": [kl.get("top1_agreement"), *(kl.get("top1_agreement_ci") or [None, None])],
+            "tasks": {t: {m: [v, *((le.get("ci") or {}).get(t, {}).get(m) or [None, None])]
+                          for m, v in ms.items() if isinstance(v, (int, float))}
+                      for t, ms in (le.get("tasks") or {}).items()}}
+    out = {"date": environment()["date"], "runs": runs, "env": {k: environment().get(k) for k in ("cpu", "cpu_count", "torch",
+                                                                                   "git_revision")},
+           "command": "python bench/eval_suite.py " + " ".join(sys.argv[1:]), "wall_s": walls,
+           "load_avg": os.getloadavg(), "floors": floors, "unigram_token_ppl": uni,
+           "paired": json.loads(long.to_json(orient="records"))}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+    a.out.with_suffix(".md").write_text(render(out))
+    print(json.dumps({k: out[k] for k in ("date", "wall_s", "load_avg")}, indent=1))
+    print(f"report: {paths['md']}\nresults: {a.out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
