@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--variants", default="reap50,freq50,reap25,freq25")
     ap.add_argument("--seeds", default="", help="extra calib.seed values for REAP 50%% (e.g. 1,2)")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--ppl_only", default="", help="variants run without lm-eval (held-out perplexity and KL only)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "eval_suite_cpu")
     ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     a = ap.parse_args()
@@ -150,8 +151,9 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     cache = a.work / "cache"
     plan = [("baseline", VARIANTS["baseline"])]
-    plan += [(v, VARIANTS[v]) for v in a.variants.split(",") if v]
-    plan += [(f"reap50_s{s}", [*VARIANTS["reap50"], f"calib.seed={s}", "++eval.lm_eval.enabled=false"])
+    lean = ["++eval.lm_eval.enabled=false"]
+    plan += [(v, VARIANTS[v] + (lean if v in a.ppl_only.split(",") else [])) for v in a.variants.split(",") if v]
+    plan += [(f"reap50_s{s}", [*VARIANTS["reap50"], f"calib.seed={s}", *lean])
              for s in a.seeds.split(",") if s]               # seeds: held-out perplexity and KL only (CPU time)
     walls = {}
     for label, ov in plan:

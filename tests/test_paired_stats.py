@@ -172,3 +172,18 @@ def test_lmeval_samples_become_ratio_units_matching_lm_eval():
     assert {m: d["aggregation"] for m, d in t["metrics"].items()} == {
         "acc": "mean", "perplexity": "perplexity", "word_perplexity": "weighted_perplexity",
         "bits_per_byte": "bits_per_byte"}
+
+
+def test_labels_name_what_differs_and_group_seeds():
+    from mxq.evaluate.seeds import group_of, labels
+
+    def run(name, crit, seed, d):
+        return {"recipe": name, "dir": Path(d), "config": {"calib": {"seed": seed}},
+                "metrics": {"recipe": {"name": name, "prune": {"criterion": crit, "fraction": 0.5}}}}
+
+    runs = [run("baseline", "reap", 0, "a"), run("prune_50pct", "reap", 0, "b"), run("prune_50pct", "reap", 1, "c"),
+            run("prune_50pct", "frequency", 0, "d"), run("mxfp4", "reap", 0, "e"), run("mxfp4", "reap", 0, "f")]
+    got = labels(runs)
+    assert got == ["baseline", "prune_50pct/reap/s0", "prune_50pct/reap/s1", "prune_50pct/frequency/s0",
+                   "mxfp4 [e]", "mxfp4 [f]"]
+    assert group_of(got[1]) == group_of(got[2]) == "prune_50pct/reap" != group_of(got[3])

@@ -66,10 +66,8 @@ def labels(runs: Sequence[dict[str, Any]]) -> list[str]:
             out[i] = "/".join([name, *map(str, parts)])
             if len(set(seeds)) > 1:
                 out[i] += f"/s{calib_seed(runs[i])}"
-    for i, lab in enumerate(out):           # still ambiguous (e.g. the same recipe run twice): folder name
-        if out.count(lab) > 1:
-            out[i] = f"{lab} [{runs[i]['dir'].name}]"
-    return out
+    dup = {lab for lab in out if out.count(lab) > 1}     # still ambiguous (the same recipe run twice): folder
+    return [f"{lab} [{r['dir'].name}]" if lab in dup else lab for lab, r in zip(out, runs)]
 
 
 def group_of(label: str) -> str:
