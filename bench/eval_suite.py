@@ -77,8 +77,45 @@ def _d(row: dict) -> str:
     return f"{row['delta']:+.3g} [{row['ci_low']:.3g}, {row['ci_high']:.3g}]"
 
 
-# the metric each default-suite family is judged on, and its floor (family -> floor name in FLOORS' output)
-PRIMARY = {"tiny_ppl": "word_perplexity", "tiny_cloze": "acc", "tiny_wordchoice": "acc"}
+# (family, metric) rows of the table: the default suite's primary metrics, then the secondary and left-out ones
+ROWS = (("tiny_ppl", "word_perplexity"), ("tiny_cloze", "perplexity"), ("tiny_cloze", "acc"),
+        ("tiny_wordchoice", "acc"), ("tiny_wordchoice", "acc_norm"))
+
+
+def unigram_target_ppl(domain: str, tokenizer, family: str = "tiny_cloze") -> float:
+    """lm-eval's cloze ``perplexity`` (exp of the mean target NLL per item) under an add-one train-split token
+    unigram: the no-model floor of the target-word perplexity."""
+    import math
+    from collections import Counter
+
+    from mxq.data.corpus import load_text
+    from mxq.data.evals import EVALS_DIR
+
+    train = Counter(tokenizer(load_text(domain, "train"), add_special_tokens=False).input_ids)
+    total, vocab = sum(train.values()), len(tokenizer)
+    items = [json.loads(x) for x in (EVALS_DIR / family / f"{domain}.jsonl").read_text().splitlines()]
+    nll = [-sum(math.log((train[t] + 1) / (total + vocab))
+                for t in tokenizer(it["target"], add_special_tokens=False).input_ids) for it in items]
+    return math.exp(sum(nll) / len(nll))
+
+
+def pooled(work: Path, base: str, variant: str, family: str, metric: str) -> dict | None:
+    """Paired comparison over all domains' items of a family at once (the group, not per-domain tasks)."""
+    import numpy as np
+
+    from mxq.evaluate import per_doc
+    from mxq.evaluate.intervals import Settings, Units, paired_difference
+
+    a, b = per_doc.load(work / variant), per_doc.load(work / base)
+    if not a or not b:
+        return None
+    ts = sorted(t for t in (b.get("lm_eval") or {}) if t.startswith(family + "_") and t in (a.get("lm_eval") or {}))
+    if not ts:
+        return None
+    ua, ub = (Units(np.concatenate([d["lm_eval"][t]["metrics"][metric]["num"] for t in ts]),
+                    np.ones(sum(len(d["lm_eval"][t]["doc_id"]) for t in ts)),
+                    d["lm_eval"][ts[0]]["metrics"][metric]["transform"]) for d in (a, b))
+    return paired_difference(ua, ub, Settings(seed=0)).to_json()
 
 
 def render(out: dict) -> str:
@@ -94,29 +131,40 @@ def render(out: dict) -> str:
              "Intervals: 95%; a run's own: Wilson (accuracies) or BCa bootstrap over documents / 32-token blocks; "
              "paired delta: percentile bootstrap over the same items (2,000 resamples, seed 0) and its p-value.\n"]
     if p50:
-        lines += [f"## Every default task: baseline vs `{p50}` (REAP 50%)\n",
+        suite = out.get("default_suite", [])
+        lines += [f"## Every task: baseline vs `{p50}` (REAP 50%)\n",
                   "| task | metric | baseline [95% CI] | REAP 50% [95% CI] | paired delta [95% CI] | p | separated | "
                   "no-model floor |", "|---|---|---|---|---|---|---|---|"]
         fl = out["floors"].get("tiny_wordchoice", {})
-        for task in sorted(runs[base]["tasks"]):
-            fam = next((f for f in PRIMARY if task.startswith(f + "_")), None)
-            if fam is None:
-                continue
-            m = PRIMARY[fam]
-            row = idx.get((p50, base, f"{task}.{m}"))
-            dom = task[len(fam) + 1:]
-            if fam == "tiny_wordchoice":
-                floor = (f"chance 0.25, unigram {fl['unigram']['per_domain'][dom]:.3f}, context "
-                         f"{fl['context_count']['per_domain'][dom]:.3f} (bigram {fl['bigram']['per_domain'][dom]:.3f})")
-            elif fam == "tiny_cloze":
-                floor = "exact next word: ~0 without a model"
-            else:
-                floor = f"unigram token ppl {out['unigram_token_ppl'][dom]:.0f}"
-            lines.append(f"| {task} | {m} | {_v(runs[base]['tasks'][task].get(m))} | "
-                         f"{_v(runs[p50]['tasks'].get(task, {}).get(m))} | {_d(row) if row else '-'} | "
-                         f"{row['p']:.3g} | {'yes' if row and row['verdict'] != '~' else 'NO'} | {floor} |"
-                         if row else f"| {task} | {m} | {_v(runs[base]['tasks'][task].get(m))} | - | - | - | - | {floor} |")
+        for fam, m in ROWS:
+            for dom in out["unigram_token_ppl"]:
+                task = f"{fam}_{dom}"
+                if task not in runs[base]["tasks"] or m not in runs[base]["tasks"][task]:
+                    continue
+                row = idx.get((p50, base, f"{task}.{m}"))
+                if fam == "tiny_wordchoice":
+                    floor = (f"chance 0.25, unigram {fl['unigram']['per_domain'][dom]:.3f}, in-context "
+                             f"{fl['context_count']['per_domain'][dom]:.3f}; bigram {fl['bigram']['per_domain'][dom]:.3f}")
+                elif m == "perplexity":
+                    floor = f"unigram {out['unigram_target_ppl'][dom]:,.0f}"
+                elif m == "acc":
+                    floor = "unigram argmax: ~0"
+                else:
+                    floor = f"unigram (token ppl {out['unigram_token_ppl'][dom]:,.0f})"
+                sep = "-" if not row else ("yes" if row["verdict"] != "~" else "**no**")
+                name = task if fam in suite else f"{task} (not in suite)"
+                lines.append(f"| {name} | {m} | {_v(runs[base]['tasks'][task].get(m))} | "
+                             f"{_v(runs[p50]['tasks'].get(task, {}).get(m))} | {_d(row) if row else '-'} | "
+                             f"{row['p']:.3g} | {sep} | {floor} |" if row else
+                             f"| {name} | {m} | {_v(runs[base]['tasks'][task].get(m))} | - | - | - | - | {floor} |")
         lines.append("")
+        pl = out.get("pooled") or {}
+        if pl:
+            lines += ["All four domains' items pooled (the group, 800 items; paired, same items):\n",
+                      "| family | metric | baseline | REAP 50% | paired delta [95% CI] | p |", "|---|---|---|---|---|---|"]
+            lines += [f"| {k.split('.')[0]} | {k.split('.')[1]} | {c['b']:.4g} | {c['a']:.4g} | {_d(c)} | {c['p']:.3g} |"
+                      for k, c in pl.items() if c]
+            lines.append("")
     lines += ["## REAP vs frequency pruning\n",
               "| run | held-out ppl [95% CI] | delta vs baseline [95% CI] | KL mean [95% CI] | top-1 agreement | "
               "wordchoice acc |", "|---|---|---|---|---|---|"]
@@ -180,6 +228,11 @@ def main() -> None:
     from mxq.data.corpus import DOMAINS
 
     uni = {d: unigram_ppl(d, tok) for d in DOMAINS}
+    uni_t = {d: unigram_target_ppl(d, tok) for d in DOMAINS}
+    p50 = label_of.get("reap50")
+    pool = {f"{fam}.{m}": pooled(a.work, "baseline", "reap50", fam, m) for fam, m in ROWS if fam != "tiny_ppl"} \
+        if p50 else {}
+    from mxq.data.build_evals import DEFAULT_SUITE
     runs = {}
     for r in load_runs(dirs):
         acc = r["metrics"].get("accuracy") or {}
@@ -195,7 +248,8 @@ def main() -> None:
     out = {"date": environment()["date"], "runs": runs, "env": {k: environment().get(k) for k in ("cpu", "cpu_count", "torch",
                                                                                    "git_revision")},
            "command": "python bench/eval_suite.py " + " ".join(sys.argv[1:]), "wall_s": walls,
-           "load_avg": os.getloadavg(), "floors": floors, "unigram_token_ppl": uni,
+           "load_avg": os.getloadavg(), "floors": floors, "unigram_token_ppl": uni, "unigram_target_ppl": uni_t,
+           "pooled": pool, "default_suite": list(DEFAULT_SUITE),
            "paired": json.loads(long.to_json(orient="records"))}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
