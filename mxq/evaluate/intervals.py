@@ -213,7 +213,7 @@ def paired_difference(a: Units, b: Units, s: Settings = Settings()) -> Compariso
     lo, hi, dist = _bootstrap((a.num, a.den, b.num, b.den), _paired_ratio(a.transform, b.transform), pct)
     dist = np.asarray(dist, dtype=np.float64).reshape(-1)
     tail = min(np.count_nonzero(dist <= 0), np.count_nonzero(dist >= 0))
-    p = min(1.0, 2.0 * (1 + tail) / (dist.size + 1))
+    p = float(min(1.0, 2.0 * (1 + tail) / (dist.size + 1)))
     return Comparison(va, vb, delta, lo, hi, p, len(a), s.confidence)
 
 
