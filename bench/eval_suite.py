@@ -99,6 +99,25 @@ def unigram_target_ppl(domain: str, tokenizer, family: str = "tiny_cloze") -> fl
     return math.exp(sum(nll) / len(nll))
 
 
+def unigram_word_ppl(domain: str, tokenizer) -> float:
+    """lm-eval's ``word_perplexity`` of the ``tiny_ppl`` documents (exp of total NLL / words) under an add-one
+    train-split token unigram: the no-model floor of ``tiny_ppl``, in the same unit."""
+    import math
+    import re
+    from collections import Counter
+
+    from mxq.data.corpus import load_text
+    from mxq.data.evals import EVALS_DIR
+
+    train = Counter(tokenizer(load_text(domain, "train"), add_special_tokens=False).input_ids)
+    total, vocab = sum(train.values()), len(tokenizer)
+    docs = [json.loads(x)["text"] for x in (EVALS_DIR / "tiny_ppl" / f"{domain}.jsonl").read_text().splitlines()]
+    nll = sum(-math.log((train[t] + 1) / (total + vocab)) for d in docs
+              for t in tokenizer(d, add_special_tokens=False).input_ids)
+    words = sum(len(re.split(r"\s+", d)) for d in docs)          # lm-eval's word count (split on whitespace)
+    return math.exp(nll / words)
+
+
 def pooled(work: Path, base: str, variant: str, family: str, metric: str) -> dict | None:
     """Paired comparison over all domains' items of a family at once (the group, not per-domain tasks)."""
     import numpy as np
@@ -120,6 +139,8 @@ def pooled(work: Path, base: str, variant: str, family: str, metric: str) -> dic
 
 def render(out: dict) -> str:
     """BENCHMARKS-ready markdown of the JSON this script writes."""
+    from mxq.evaluate.paired import p_text
+
     runs, paired = out["runs"], out["paired"]
     base = "baseline"
     p50 = next((lab for lab, r in runs.items() if r["folder"] == "reap50"), None)
@@ -150,19 +171,19 @@ def render(out: dict) -> str:
                 elif m == "acc":
                     floor = "unigram argmax: ~0"
                 else:
-                    floor = f"unigram (token ppl {out['unigram_token_ppl'][dom]:,.0f})"
+                    floor = f"unigram {out['unigram_word_ppl'][dom]:,.0f}"
                 sep = "-" if not row else ("yes" if row["verdict"] != "~" else "**no**")
                 name = task if fam in suite else f"{task} (not in suite)"
                 lines.append(f"| {name} | {m} | {_v(runs[base]['tasks'][task].get(m))} | "
                              f"{_v(runs[p50]['tasks'].get(task, {}).get(m))} | {_d(row) if row else '-'} | "
-                             f"{row['p']:.3g} | {sep} | {floor} |" if row else
+                             f"{p_text(row['p'])} | {sep} | {floor} |" if row else
                              f"| {name} | {m} | {_v(runs[base]['tasks'][task].get(m))} | - | - | - | - | {floor} |")
         lines.append("")
         pl = out.get("pooled") or {}
         if pl:
             lines += ["All four domains' items pooled (the group, 800 items; paired, same items):\n",
                       "| family | metric | baseline | REAP 50% | paired delta [95% CI] | p |", "|---|---|---|---|---|---|"]
-            lines += [f"| {k.split('.')[0]} | {k.split('.')[1]} | {c['b']:.4g} | {c['a']:.4g} | {_d(c)} | {c['p']:.3g} |"
+            lines += [f"| {k.split('.')[0]} | {k.split('.')[1]} | {c['b']:.4g} | {c['a']:.4g} | {_d(c)} | {p_text(c['p'])} |"
                       for k, c in pl.items() if c]
             lines.append("")
     lines += ["## REAP vs frequency pruning\n",
@@ -177,7 +198,24 @@ def render(out: dict) -> str:
     pairs = [r for r in paired if r.get("verdict") and r["reference"] != base and r["metric"] == "ppl_mean"]
     if pairs:
         lines += ["", "| paired on the same tokens | held-out ppl delta [95% CI] | p | verdict |", "|---|---|---|---|"]
-        lines += [f"| {r['variant']} - {r['reference']} | {_d(r)} | {r['p']:.3g} | {r['verdict']} |" for r in pairs]
+        lines += [f"| {r['variant']} - {r['reference']} | {_d(r)} | {p_text(r['p'])} | {r['verdict']} |" for r in pairs]
+    from mxq.evaluate.intervals import spread
+    from mxq.evaluate.seeds import SEED_SUFFIX, group_of
+
+    groups: dict[str, list[str]] = {}
+    for lab in runs:
+        if SEED_SUFFIX.search(lab):
+            groups.setdefault(group_of(lab), []).append(lab)
+    rows = [(g, labs) for g, labs in groups.items() if len(labs) > 1]
+    if rows:
+        lines += ["", "Calibration seeds (`calib.seed`; the calibration sample decides which experts REAP keeps):", "",
+                  "| variant | seeds | held-out ppl per seed | mean | std | KL mean, mean over seeds |",
+                  "|---|---|---|---|---|---|"]
+        for g, labs in rows:
+            sp, kl = spread([runs[x]["ppl_mean"][0] for x in labs]), spread([runs[x]["kl_mean"][0] for x in labs])
+            lines.append(f"| {g} | {', '.join(SEED_SUFFIX.search(x).group(1) for x in labs)} | "
+                         f"{', '.join(format(runs[x]['ppl_mean'][0], '.1f') for x in labs)} | {sp['mean']:.1f} | "
+                         f"{sp['std']:.1f} | {kl['mean']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -229,6 +267,7 @@ def main() -> None:
 
     uni = {d: unigram_ppl(d, tok) for d in DOMAINS}
     uni_t = {d: unigram_target_ppl(d, tok) for d in DOMAINS}
+    uni_w = {d: unigram_word_ppl(d, tok) for d in DOMAINS}
     p50 = label_of.get("reap50")
     pool = {f"{fam}.{m}": pooled(a.work, "baseline", "reap50", fam, m) for fam, m in ROWS if fam != "tiny_ppl"} \
         if p50 else {}
@@ -248,7 +287,7 @@ def main() -> None:
     out = {"date": environment()["date"], "runs": runs, "env": {k: environment().get(k) for k in ("cpu", "cpu_count", "torch",
                                                                                    "git_revision")},
            "command": "python bench/eval_suite.py " + " ".join(sys.argv[1:]), "wall_s": walls,
-           "load_avg": os.getloadavg(), "floors": floors, "unigram_token_ppl": uni, "unigram_target_ppl": uni_t,
+           "load_avg": os.getloadavg(), "floors": floors, "unigram_token_ppl": uni, "unigram_target_ppl": uni_t, "unigram_word_ppl": uni_w,
            "pooled": pool, "default_suite": list(DEFAULT_SUITE),
            "paired": json.loads(long.to_json(orient="records"))}
     a.out.parent.mkdir(parents=True, exist_ok=True)

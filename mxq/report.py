@@ -40,6 +40,11 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]], width: int 
     return "\n".join(lines)
 
 
+def _short(metric: str) -> str:
+    """A metric name for the 80-column printout (full names are in the CSVs)."""
+    return metric.removeprefix("tiny_").replace(".word_perplexity", ".word_ppl").replace(".perplexity", ".ppl")
+
+
 def _num(v: Any, digits: int = 4) -> str:
     from .evaluate.report import fmt
 
@@ -76,11 +81,12 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     if "paired_csv" in paths:
         long = pd.read_csv(paths["paired_csv"])
         long = long[long["skipped"].isna()]
-        shown = long[long["metric"].isin(HEADLINE) | long["metric"].str.endswith((".acc", ".word_perplexity"))]
+        shown = long[long["metric"].isin(HEADLINE)
+                     | long["metric"].str.endswith((".acc", ".word_perplexity", ".perplexity"))]
         for (var, ref), sub in shown.groupby(["variant", "reference"], sort=False):
             print(f"\n{var} vs {ref} (paired; ~ = inside the noise)")
             print(text_table(["metric", "value", "delta", f"{int(s.confidence * 100)}% CI", "p", ""],
-                             [[r["metric"].removeprefix("tiny_"), _num(r["a"]), _num(r["delta"], 3),
+                             [[_short(r["metric"]), _num(r["a"]), _num(r["delta"], 3),
                                interval_text(r["ci_low"], r["ci_high"]), p_text(r["p"]), r["verdict"]]
                               for _, r in sub.iterrows()]))
     print()
