@@ -145,7 +145,7 @@ def render(out: dict) -> str:
     base = "baseline"
     p50 = next((lab for lab, r in runs.items() if r["folder"] == "reap50"), None)
     idx = {(r["variant"], r["reference"], r["metric"]): r for r in paired if r.get("verdict")}
-    lines = [f"# Evaluation suite on the embedded model (bench/eval_suite.py)\n",
+    lines = ["# Evaluation suite on the embedded model (bench/eval_suite.py)\n",
              f"Date {out['date']}; {out['env']['cpu']}, {out['env']['cpu_count']} cores, torch {out['env']['torch']}, "
              f"float32; git {out['env']['git_revision']}. Command: `{out['command']}`. Load average at the end "
              f"{out['load_avg'][0]:.1f} (shared machine: wall times are upper bounds).\n",

@@ -30,7 +30,7 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("elsewhere"))
     try:
-        return task_manager().load(["tiny_all", "tiny_nextsent"])     # next-unit: outside the default suite
+        return task_manager().load(["tiny_all", "tiny_wordchoice", "tiny_nextsent"])   # the last two: not in tiny_all
     finally:
         os.chdir(cwd)
 

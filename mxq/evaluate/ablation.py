@@ -187,12 +187,13 @@ def paired_md(long: pd.DataFrame, metrics: Sequence[str] | None = None) -> str:
 
 
 def write_ablation(dirs: Sequence[str | Path], out: str | Path | None = None, baseline: str | None = None,
-                   pairs: Sequence[tuple[str, str]] = (), settings: Settings = Settings()) -> dict[str, Path]:
+                   pairs: Sequence[tuple[str, str]] = (), settings: Settings | None = None) -> dict[str, Path]:
     """Write ablation.md, ablation.csv (+ ablation_tasks.csv, ablation_paired.csv, ablation_seeds.csv) and
     pareto.png into ``out`` (default: dirs[0]). ``baseline``: the reference label (default: recipe
     ``baseline``); ``pairs``: extra (variant, reference) label pairs to compare."""
     from .plots import plot_pareto
 
+    settings = settings or Settings()
     runs = load_runs(dirs)
     if not runs:
         raise FileNotFoundError(f"no metrics.json below {', '.join(map(str, dirs))}")

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class Settings:
     method: str = "BCa"             # scipy.stats.bootstrap method of a run's own intervals: BCa | percentile | basic
 
     @classmethod
-    def from_cfg(cls, cfg: dict[str, Any] | None) -> "Settings":
+    def from_cfg(cls, cfg: dict[str, Any] | None) -> Settings:
         cfg = cfg or {}
         out = cls(**{k: cfg[k] for k in ("confidence", "n_resamples", "seed", "method") if k in cfg})
         if not 0 < out.confidence < 1:
@@ -85,7 +86,7 @@ class Units:
             raise ValueError(f"{len(self.ids)} unit ids for {len(self.num)} units")
 
     @classmethod
-    def mean(cls, values: Sequence[float], ids: Sequence[str] = ()) -> "Units":
+    def mean(cls, values: Sequence[float], ids: Sequence[str] = ()) -> Units:
         v = np.asarray(values, dtype=np.float64)
         return cls(v, np.ones_like(v), "identity", tuple(ids))
 
@@ -101,7 +102,7 @@ class Units:
         return {"transform": self.transform, "num": self.num.tolist(), "den": den}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], ids: Sequence[str] = ()) -> "Units":
+    def from_json(cls, d: dict[str, Any], ids: Sequence[str] = ()) -> Units:
         num = np.asarray(d["num"], dtype=np.float64)
         den = np.ones_like(num) if d.get("den") is None else np.asarray(d["den"], dtype=np.float64)
         return cls(num, den, d.get("transform", "identity"), tuple(ids))
@@ -148,13 +149,14 @@ def is_binary(u: Units) -> bool:
     return u.transform == "identity" and bool(np.all(u.den == 1)) and bool(np.all((u.num == 0) | (u.num == 1)))
 
 
-def interval(u: Units, s: Settings = Settings()) -> tuple[float, float] | None:
+def interval(u: Units, s: Settings | None = None) -> tuple[float, float] | None:
     """The ``s.confidence`` interval of ``u.value()``; None with fewer than 2 units.
 
     Accuracies (0/1 per document) get the Wilson score interval (Wilson, JASA 1927; via
     ``scipy.stats.binomtest``), which stays honest at 0 or n correct, where a bootstrap collapses to a point;
     every other metric the bootstrap over units.
     """
+    s = s or Settings()
     if len(u) < 2:
         return None
     if is_binary(u):
@@ -200,8 +202,9 @@ def same_units(a: Units, b: Units) -> str | None:
     return None
 
 
-def paired_difference(a: Units, b: Units, s: Settings = Settings()) -> Comparison:
+def paired_difference(a: Units, b: Units, s: Settings | None = None) -> Comparison:
     """``a.value() - b.value()`` with a paired bootstrap interval and p-value (module docstring)."""
+    s = s or Settings()
     why = same_units(a, b)
     if why:
         raise ValueError(f"cannot pair the two runs: {why}")

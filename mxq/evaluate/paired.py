@@ -11,8 +11,9 @@ counts per unit); otherwise the metric is skipped with the reason.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 

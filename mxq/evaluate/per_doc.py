@@ -21,9 +21,9 @@ Layout (JSON, a few tens of KB):
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -186,7 +186,3 @@ def load(run_dir: Path) -> dict[str, Any] | None:
     if d.get("version") != VERSION:
         raise ValueError(f"{path}: version {d.get('version')!r}, this mxq reads version {VERSION}")
     return d
-
-
-def finite(x: float | None) -> bool:
-    return x is not None and not math.isnan(x)
