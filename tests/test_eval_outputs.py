@@ -104,7 +104,8 @@ def test_ablation_cli(sweep, tmp_path):
 
     _, root, base, noisy = sweep
     paths = main([str(root), "--out", str(tmp_path)])
-    assert {p.name for p in paths.values()} == {"ablation.md", "ablation.csv", "pareto.png", "ablation_tasks.csv"}
+    assert {p.name for p in paths.values()} == {"ablation.md", "ablation.csv", "pareto.png", "ablation_tasks.csv",
+                                                "ablation_paired.csv"}
     rows = {r["label"]: r for r in csv.DictReader(io.StringIO((tmp_path / "ablation.csv").read_text()))}
     assert set(rows) == {"baseline", "mxfp4_noise"}
     assert float(rows["baseline"]["d_ppl_mean"]) == 0.0
@@ -113,6 +114,10 @@ def test_ablation_cli(sweep, tmp_path):
     md = (tmp_path / "ablation.md").read_text()
     assert "## lm-eval per task" in md and "d[mxfp4_noise]" in md and "## Deltas vs baseline" in md
     assert (tmp_path / "pareto.png").stat().st_size > 1000
+    # paired on the same token blocks: the noisy variant's KL is above the baseline's 0 beyond the noise
+    assert float(rows["mxfp4_noise"]["kl_mean_ci_low"]) > 0 and float(rows["mxfp4_noise"]["kl_mean_p"]) < 0.05
+    lo, hi = float(rows["baseline"]["ppl_mean_lo"]), float(rows["baseline"]["ppl_mean_hi"])
+    assert lo < base["accuracy"]["perplexity"]["mean"] < hi
 
 
 def test_notebook_executes(sweep, monkeypatch):

@@ -13,10 +13,10 @@ from mxq.data.evals import EVALS_DIR, task_manager
 
 FAMILIES = tuple(build_evals.FAMILIES)
 SIZES = {"tiny_ppl": eval_items.PPL_DOCS, "tiny_cloze": eval_items.CLOZE_ITEMS,
-         "tiny_nextsent": eval_items.MC_ITEMS}
-# instances per document: one rolling request, one loglikelihood request, two per choice (with and
-# without the context: acc_mutual_info needs the unconditional log-likelihood)
-PER_DOC = {"tiny_ppl": 1, "tiny_cloze": 1, "tiny_nextsent": 8}
+         "tiny_wordchoice": eval_items.CLOZE_ITEMS, "tiny_nextsent": eval_items.MC_ITEMS}
+# instances per document: one rolling request, one loglikelihood request, one per choice (word choice), two
+# per choice (next unit: acc_mutual_info needs the unconditional log-likelihood too)
+PER_DOC = {"tiny_ppl": 1, "tiny_cloze": 1, "tiny_wordchoice": 4, "tiny_nextsent": 8}
 
 
 def _items(family: str, domain: str) -> list[dict]:
@@ -30,7 +30,7 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("elsewhere"))
     try:
-        return task_manager().load(["tiny_all"])
+        return task_manager().load(["tiny_all", "tiny_wordchoice", "tiny_nextsent"])   # the last two: not in tiny_all
     finally:
         os.chdir(cwd)
 
@@ -57,7 +57,7 @@ def test_tasks_build_instances(loaded: dict, family: str) -> None:
         if family == "tiny_cloze":
             context, target = req
             assert target.startswith(" ") and target[1:].isalpha()
-        elif family == "tiny_nextsent":
+        elif family in ("tiny_nextsent", "tiny_wordchoice"):
             assert req[1] in docs[0]["choices"]
 
 
@@ -78,13 +78,30 @@ def test_items_are_heldout_text_only(family: str) -> None:
             assert not eval_items.seen_in_train(domain, texts[0]), it["id"]
 
 
-def test_mc_labels_are_balanced_and_distractors_distinct() -> None:
+@pytest.mark.parametrize("family", ["tiny_nextsent", "tiny_wordchoice"])
+def test_mc_labels_are_balanced_and_distractors_distinct(family: str) -> None:
     for domain in DOMAINS:
-        items = _items("tiny_nextsent", domain)
+        items = _items(family, domain)
         counts = [sum(it["label"] == k for it in items) for k in range(4)]
         assert min(counts) >= 30, counts
         for it in items:
             assert len(set(it["choices"])) == 4
+
+
+def test_wordchoice_distractors_match_the_target_cues() -> None:
+    """Capitalisation and in-context status match the answer's (where the pool allows), so neither gives it away."""
+    for domain in DOMAINS:
+        items = _items("tiny_wordchoice", domain)
+        cloze = {it["offset"]: it for it in _items("tiny_cloze", domain)}
+        matched = 0
+        for it in items:
+            answer = it["choices"][it["label"]]
+            assert cloze[it["offset"]]["target"] == answer and cloze[it["offset"]]["context"] == it["context"]
+            seen = eval_items.context_words(it["context"])
+            others = [c for k, c in enumerate(it["choices"]) if k != it["label"]]
+            assert all(c[1].isupper() == answer[1].isupper() for c in others), it["id"]
+            matched += all((c.strip() in seen) == (answer.strip() in seen) for c in others)
+        assert matched >= 0.95 * len(items), (domain, matched)
 
 
 def test_builder_is_deterministic(tmp_path: Path) -> None:

@@ -12,12 +12,19 @@ Three item kinds per domain, each a list of JSON-ready dicts:
 * next-unit multiple choice: the context is 2-4 consecutive units of one group (``mxq.data.units``), the
   answer the next unit, the 3 distractors are units of the same domain's held-out text at least 8 units
   away, of similar length (0.5x-2x), so that length alone does not give the answer away.
+* word choice (cloze among candidates): the cloze items' contexts and target words, with 3 distractor
+  words that also end a clause somewhere in the domain's held-out text, chosen so that no reading without
+  a model gives the answer away: the same capitalisation, the same "occurs in the context" status as the
+  target, and the nearest train-split frequency (``WORDCHOICE_NEAREST`` closest in log frequency, 3 drawn).
+  The model's choice is the candidate it scores highest, so a 4-way comparison of log-likelihoods measures
+  the damage compression does to next-word prediction with far less noise than greedy exact match.
 
 Every item whose text (whitespace-normalised) also occurs in the domain's train split is skipped, so
 nothing here was trained on (``tests/test_evals_tasks.py`` re-checks the written files).
 """
 from __future__ import annotations
 
+import math
 import random
 import re
 from functools import lru_cache
@@ -34,6 +41,7 @@ MC_ITEMS = 200
 MC_CONTEXT_UNITS = (2, 4)        # at least / at most this many context units
 MC_MIN_GAP = 8                   # distractors lie at least this many units away from the answer
 UNIT_CHARS = (15, 300)           # units usable as answers or distractors
+WORDCHOICE_NEAREST = 8           # distractors are drawn from this many candidates nearest in train frequency
 
 Item = dict[str, Any]
 
@@ -89,6 +97,11 @@ def _context_start(text: str, pos: int) -> int:
 
 def cloze_items(domain: str) -> list[Item]:
     """Last-word cloze items: ``context`` + ``target`` (= " word") is the original held-out text."""
+    return [dict(it) for it in _cloze_items(domain)]
+
+
+@lru_cache(maxsize=None)
+def _cloze_items(domain: str) -> tuple[Item, ...]:
     text = load_text(domain, "heldout")
     cands = [m for m in _CLOZE_WORD.finditer(text) if m.start() >= CLOZE_CONTEXT]
     rng = random.Random(f"mxq-cloze-{domain}")
@@ -102,7 +115,7 @@ def cloze_items(domain: str) -> list[Item]:
         if len(items) == CLOZE_ITEMS:
             break
     items.sort(key=lambda it: it["offset"])
-    return [{"id": f"{domain}-cloze-{i:03d}", **it} for i, it in enumerate(items)]
+    return tuple({"id": f"{domain}-cloze-{i:03d}", **it} for i, it in enumerate(items))
 
 
 def _usable(u: Unit) -> bool:
@@ -149,3 +162,50 @@ def nextsent_items(domain: str) -> list[Item]:
             break
     items.sort(key=lambda it: it.pop("unit"))
     return [{"id": f"{domain}-nextsent-{k:03d}", **it} for k, it in enumerate(items)]
+
+
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+@lru_cache(maxsize=None)
+def train_word_counts(domain: str) -> dict[str, int]:
+    """Case-sensitive counts of alphabetic words in the domain's train split."""
+    counts: dict[str, int] = {}
+    for w in _WORD.findall(load_text(domain, "train")):
+        counts[w] = counts.get(w, 0) + 1
+    return counts
+
+
+def context_words(context: str) -> set[str]:
+    """The alphabetic words of ``context`` (case-sensitive): a word "occurs in the context" iff it is here."""
+    return set(_WORD.findall(context))
+
+
+def _wordchoice_distractors(target: str, context: str, pool: list[str], counts: dict[str, int],
+                            rng: random.Random) -> list[str]:
+    """3 pool words matching the target's capitalisation and in-context status, nearest in train frequency."""
+    seen = context_words(context)
+    cap, inside = target[0].isupper(), target in seen
+    others = [w for w in pool if w.lower() != target.lower() and w[0].isupper() == cap]
+    same = [w for w in others if (w in seen) == inside]
+    cands = same if len(same) >= 3 else others
+    f = math.log1p(counts.get(target, 0))
+    near = sorted(cands, key=lambda w: (abs(math.log1p(counts.get(w, 0)) - f), w))[:WORDCHOICE_NEAREST]
+    return rng.sample(near, 3)
+
+
+def wordchoice_items(domain: str) -> list[Item]:
+    """4-way word-choice items: ``choices[label]`` (`` word``) is the word that follows ``context``."""
+    text = load_text(domain, "heldout")
+    pool = sorted({m.group(1) for m in _CLOZE_WORD.finditer(text)})
+    counts = train_word_counts(domain)
+    rng = random.Random(f"mxq-wordchoice-{domain}")
+    items: list[Item] = []
+    for it in cloze_items(domain):
+        target = it["target"].strip()
+        choices = [" " + w for w in _wordchoice_distractors(target, it["context"], pool, counts, rng)]
+        label = rng.randrange(4)
+        choices.insert(label, it["target"])
+        items.append({"id": it["id"].replace("-cloze-", "-wordchoice-"), "offset": it["offset"],
+                      "context": it["context"], "choices": choices, "label": label})
+    return items

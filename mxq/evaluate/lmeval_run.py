@@ -48,19 +48,29 @@ def run_lm_eval(model, tokenizer, cfg: dict[str, Any], run_dir: Path | None = No
         res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=cfg.get("limit"),
                                       num_fewshot=cfg.get("num_fewshot"),
                                       bootstrap_iters=int(cfg.get("bootstrap_iters", 0)),
-                                      log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                      log_samples=True, random_seed=seed, numpy_random_seed=seed,
                                       torch_random_seed=seed, fewshot_random_seed=seed,
                                       apply_chat_template=bool(cfg.get("apply_chat_template", False)))
     group_names = set((res.get("groups") or {}).keys())
     per_task: dict[str, dict[str, Any]] = {}
     groups: dict[str, dict[str, Any]] = {}
+    stderr: dict[str, dict[str, float]] = {}
     for name, metrics in (res.get("results") or {}).items():
         clean = {k.removesuffix(",none"): _clean(v) for k, v in metrics.items()
                  if k not in ("alias", "name", "sample_len", "sample_count") and "_stderr" not in k
                  and not (isinstance(v, str) and v in ("N/A", " "))}
         (groups if name in group_names else per_task)[name] = clean
+        se = {k.split("_stderr")[0]: float(v) for k, v in metrics.items()      # lm-eval's own standard errors
+              if "_stderr" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if se:
+            stderr[name] = se
     n = {k: (v.get("effective") if isinstance(v, dict) else v) for k, v in (res.get("n-samples") or {}).items()}
-    out = {"tasks": per_task, "groups": groups, "n_samples": n,
+    from .per_doc import lmeval_units
+
+    samples = {t: [{k: v for k, v in r.items() if k == "doc_id" or k in per_task.get(t, {})} for r in rows]
+               for t, rows in (res.pop("samples", None) or {}).items() if t in per_task}
+    out = {"tasks": per_task, "groups": groups, "n_samples": n, "stderr": stderr,
+           "_per_doc": lmeval_units(samples, res.get("configs") or {}, {t: list(m) for t, m in per_task.items()}),
            "config": {"tasks": tasks, "limit": cfg.get("limit"), "num_fewshot": cfg.get("num_fewshot"),
                       "chat_format": lm.chat_format, "max_length": lm.max_length,
                       "versions": {k: _clean(v) for k, v in (res.get("versions") or {}).items()},

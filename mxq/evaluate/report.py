@@ -29,6 +29,20 @@ def fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _ci(ci: Any) -> str:
+    """``[lo, hi]`` of an interval stored in metrics.json, or a dash."""
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2 or ci[0] is None:
+        return "-"
+    return f"[{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
+def _range(sp: Any) -> str:
+    """``min-max`` of a spread dict (``mxq.evaluate.intervals.spread``), or a dash."""
+    if not isinstance(sp, dict) or sp.get("min") is None:
+        return "-"
+    return f"{fmt(sp['min'])}-{fmt(sp['max'])}"
+
+
 def table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
@@ -84,11 +98,12 @@ def _memory_md(m: dict[str, Any]) -> str:
 def _speed_md(s: dict[str, Any]) -> str:
     if s.get("skipped") or not s.get("by_setting"):
         return "## Speed\n\nNot measured (speed disabled in this eval preset).\n"
-    rows = [[k, r["ttft_s"] * 1e3, r["prefill_tokens_per_s"], r["decode_tokens_per_s"], r["e2e_p50_s"],
+    rows = [[k, r["ttft_s"] * 1e3, r["prefill_tokens_per_s"], r["decode_tokens_per_s"],
+             _range((r.get("spread") or {}).get("decode_tokens_per_s")), r["e2e_p50_s"],
              r["e2e_p95_s"], r["energy_j_per_1k_tokens"], r.get("tokens_per_j"), r.get("ape_decode")]
             for k, r in s["by_setting"].items()]
-    head = ["setting (mode@context)", "TTFT ms", "prefill tok/s", "decode tok/s", "e2e p50 s", "e2e p95 s",
-            "J / 1k gen tokens", "tokens / J", "APE (tok/s per B active)"]
+    head = ["setting (mode@context)", "TTFT ms", "prefill tok/s", "decode tok/s", "decode min-max", "e2e p50 s",
+            "e2e p95 s", "J / 1k gen tokens", "tokens / J", "APE (tok/s per B active)"]
     first = next(iter(s["by_setting"].values()))
     path = f"Code path: `{s.get('code_path') or (s.get('precision') or {}).get('path')}`"
     if s.get("fallback_reason"):
@@ -96,7 +111,8 @@ def _speed_md(s: dict[str, Any]) -> str:
     if s.get("peak_allocated_bytes"):
         path += f"; peak GPU memory during the sweep {s['peak_allocated_bytes'] / MiB:.1f} MiB allocated"
     return ("## Speed\n\n" + path + ".\n\n" + f"Protocol: {s.get('protocol')}. {first['repeats']} timed repeats per "
-            f"setting after warm-up, {first['new_tokens']} generated tokens, batch {first['batch']}, "
+            f"setting after warm-up (medians; decode min-max over the repeats), {first['new_tokens']} generated "
+            f"tokens, batch {first['batch']}, "
             f"{s.get('threads')} CPU threads; energy: {s.get('energy_source')}. Headline setting: "
             f"`{s.get('headline')}`.\n\n"
             + table(head, rows) + "\n![speed](speed.png)\n")
@@ -111,11 +127,21 @@ def _accuracy_md(a: dict[str, Any]) -> str:
                    f"scored tokens in all), sliding window max_length {det.get('max_length')}, stride "
                    f"{det.get('stride')}, no BOS; token-weighted; `mean` = exp(mean NLL over all domains' tokens).\n")
         pdk = (kl or {}).get("per_domain", {})
-        rows = [[d, v, det.get("tokens", {}).get(d), pdk.get(d, {}).get("mean"), pdk.get(d, {}).get("p99"),
-                 pdk.get(d, {}).get("top1_agreement")] for d, v in ppl.items() if d != "mean"]
-        rows.append(["**all**", ppl.get("mean"), sum(det.get("tokens", {}).values()), (kl or {}).get("mean"),
-                     (kl or {}).get("p99"), (kl or {}).get("top1_agreement")])
-        out.append(table(["domain", "perplexity", "tokens", "KL mean", "KL p99", "top-1 agreement"], rows))
+        pci = a.get("perplexity_ci") or {}
+        rows = [[d, v, _ci(pci.get(d)), det.get("tokens", {}).get(d), pdk.get(d, {}).get("mean"),
+                 _ci(pdk.get(d, {}).get("mean_ci")), pdk.get(d, {}).get("p99"), pdk.get(d, {}).get("top1_agreement")]
+                for d, v in ppl.items() if d != "mean"]
+        rows.append(["**all**", ppl.get("mean"), _ci(pci.get("mean")), sum(det.get("tokens", {}).values()),
+                     (kl or {}).get("mean"), _ci((kl or {}).get("mean_ci")), (kl or {}).get("p99"),
+                     (kl or {}).get("top1_agreement")])
+        iv = a.get("intervals") or {}
+        ci_head = f"{int(100 * iv.get('confidence', 0.95))}% CI"
+        out.append(table(["domain", "perplexity", ci_head, "tokens", "KL mean", ci_head, "KL p99", "top-1 agreement"],
+                         rows))
+        if iv:
+            out.append(f"\nIntervals: {iv.get('method')}; {iv.get('n_resamples')} resamples, seed {iv.get('seed')}; "
+                       f"units: {(iv.get('heldout_units') or {}).get('kind')} "
+                       f"({(iv.get('heldout_units') or {}).get('count')} in all; per-unit values in per_doc.json).\n")
         out.append("\n![perplexity](perplexity.png)\n")
     if kl:
         r = kl.get("reference", {})
@@ -128,10 +154,15 @@ def _accuracy_md(a: dict[str, Any]) -> str:
         out.append("KL vs baseline: not computed (no baseline).\n")
     le = a.get("lm_eval")
     if le and le.get("tasks"):
-        rows = [[t, m, v, (le.get("n_samples") or {}).get(t)] for t, ms in sorted(le["tasks"].items())
+        cis, ses = le.get("ci") or {}, le.get("stderr") or {}
+        rows = [[t, m, v, _ci((cis.get(t) or {}).get(m)), (ses.get(t) or {}).get(m), (le.get("n_samples") or {}).get(t)]
+                for t, ms in sorted(le["tasks"].items())
                 for m, v in ms.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         out.append(f"\n### lm-eval, per task (limit {le['config'].get('limit')}, chat format "
-                   f"{le['config'].get('chat_format')})\n\n" + table(["task", "metric", "value", "samples"], rows))
+                   f"{le['config'].get('chat_format')})\n\n"
+                   "95% CI: Wilson score interval for accuracies, bootstrap over documents otherwise; stderr: "
+                   "lm-eval's own (when its bootstrap_iters > 0).\n\n"
+                   + table(["task", "metric", "value", "95% CI", "stderr", "samples"], rows))
         if le.get("groups"):
             rows = [[g, m, v] for g, ms in le["groups"].items() for m, v in ms.items() if isinstance(v, float)]
             out.append("\nGroup averages (read the per-task rows first: an average can hide a collapsed task):\n\n"

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model.generate import sample_next
+from .intervals import spread
 from .metrics import DEFAULT_PATH, param_counts, precision, quantile, sync
 
 NOT_AVAILABLE = "not available"
@@ -183,6 +184,7 @@ def _setting(model, context: int, mode: str, cfg: dict[str, Any], meter: EnergyM
         "generated_tokens_per_s": g * batch / statistics.median(e2e),
     }
     row["ape_decode"] = row["decode_tokens_per_s"] / active_b if decode else None
+    row["spread"] = {"ttft_s": spread(ttft), "decode_tokens_per_s": spread(decode), "e2e_s": spread(e2e)}
     if e0 is not None and e1 is not None:
         joules = e1 - e0
         tokens = reps * g * batch
@@ -314,7 +316,9 @@ def speed_report(model, cfg: dict[str, Any], progress: bool = True) -> dict[str,
     head = rows.get(f"greedy@{head_ctx}") or rows[f"{modes[0]}@{head_ctx}"]
     return {
         "decode_tokens_per_s": head["decode_tokens_per_s"],
+        "decode_tokens_per_s_spread": head["spread"]["decode_tokens_per_s"],   # over the timed repeats
         "ttft_s": head["ttft_s"],
+        "ttft_s_spread": head["spread"]["ttft_s"],
         "prefill_tokens_per_s": head["prefill_tokens_per_s"],
         "e2e_p50_s": head["e2e_p50_s"], "e2e_p95_s": head["e2e_p95_s"],
         "energy_j_per_1k_tokens": head["energy_j_per_1k_tokens"], "tokens_per_j": head["tokens_per_j"],
