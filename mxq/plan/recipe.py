@@ -23,7 +23,7 @@ KEEP, MIXED = "keep", "mixed"
 DEFAULTS: dict[str, Any] = {
     "name": None, "stats": False, "planner": None,
     "prune": {"fraction": 0.0, "criterion": "reap", "protect_super": True, "seed": 0},
-    "quant": {"format": KEEP, "attention": "bf16", "lm_head": "bf16"},
+    "quant": {"format": KEEP, "attention": "bf16", "lm_head": "bf16", "method": "rtn", "gptq": {}},
     "mixed": {"menu": ["fp8", "mxfp4", "nvfp4", "int4_g128", "nf4_dq"], "budget_bits": None, "budget_bytes": None,
               "importance": "reap", "solver": "milp", "scope": "layer"},
     "export": {"enabled": False},
@@ -175,6 +175,9 @@ def validate(recipe: Any, config) -> dict[str, Any]:
         if not mixed_used and r["mixed"][opt] is not None:
             _fail(f"mixed.{opt}", r["mixed"][opt], f"is not used: planner={name} with quant.format={fmt} does not "
                   "choose formats per expert (use planner=mixed, or prune_then_quant with quant.format=mixed)")
+    from ..quant.options import validate_quant  # quant.method and quant.gptq.* (mxq.quant)
+
+    validate_quant(r, uses)
     if not isinstance(r["export"].get("enabled"), bool):
         _fail("export.enabled", r["export"].get("enabled"), "must be true or false")
     return r
