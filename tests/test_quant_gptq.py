@@ -133,12 +133,33 @@ def test_zero_token_expert_falls_back_and_is_reported(model_and_calib, tmp_path)
     assert model.mxq_plan is plan
 
 
+def test_expert_balanced_calibration_forces_tokens_into_a_thin_expert(model_and_calib):
+    import mxq
+
+    ckpt, calib = model_and_calib
+    model = mxq.load_model(ckpt, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        model.layers[0].mlp.router.bias[3] -= 20.0                                    # expert 3 of layer 0: no token
+    plan = Plan.uniform(2, model.config.num_local_experts, "int4_g32")
+    cal = LayerCalibrator(model, plan, calib, GPTQOptions(balance_tokens=16))
+    cal._attention(model.layers[0])
+    hs, _ = cal.gate_up_hessians(model.layers[0], [])
+    assert int(hs.forced[3]) == 16 and int(hs.tokens[3]) == 16                         # all 16 forced
+    rows, gate = cal._forced[3]
+    assert ((gate > 0) & (gate < 1)).all()
+    u = model.layers[0].post_attention_layernorm(cal.x)[calib.attention_mask.bool()]   # [n, H]
+    torch.testing.assert_close(hs.hessian([3])[0], 2 * u[rows].t() @ u[rows] / 16, rtol=1e-4, atol=1e-5)
+    routed = hs.tokens - hs.forced
+    assert all(int(hs.forced[e]) == max(0, 16 - int(routed[e])) for e in range(model.config.num_local_experts))
+
+
 @pytest.mark.parametrize("opt,value,match", [
     ("damp", -0.1, r"recipe\.quant\.gptq\.damp=-0\.1"),
     ("block_size", 0, r"recipe\.quant\.gptq\.block_size=0"),
     ("act_order", "yes", r"recipe\.quant\.gptq\.act_order='yes'"),
     ("fallback", "zero", r"recipe\.quant\.gptq\.fallback='zero'"),
     ("min_tokens", 0, r"recipe\.quant\.gptq\.min_tokens=0"),
+    ("balance_tokens", -1, r"recipe\.quant\.gptq\.balance_tokens=-1"),
     ("mse_min_shrink", 1.5, r"recipe\.quant\.gptq\.mse_min_shrink=1\.5"),
     ("blocksize", 64, r"recipe\.quant\.gptq\.blocksize=64: unknown option"),
 ])

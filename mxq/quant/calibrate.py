@@ -18,12 +18,14 @@ bf16 targets are converted without calibration. An expert with fewer than ``min_
 (zero included) is quantized by ``fallback`` and listed; nothing is left in a default state silently.
 
 Memory per layer (d = hidden = intermediate = 2880 for gpt-oss-20b and -120b; E experts; N calibration
-tokens; fp32 Hessians; the model's dtype ``a`` bytes for activations):
-  hidden states N * d * a (one buffer, updated in place) + routing N * k * 12
+tokens; fp32 Hessians; ``a`` bytes per activation in the model's dtype; B = ``expert_batch``):
+  hidden states N * d * a (one buffer, updated in place; routing is recomputed per batch, not stored)
   + one kind's Hessians E * d^2 * 4 (gate_up's are freed before down's are built)
-  + GPTQ work for ``expert_batch`` = B experts: about B * (3 * 2d * d + 3 * d^2) * 4.
-gpt-oss-20b (E = 32) with N = 131,072 bf16 tokens: 0.75 GB + 1.06 GB + 2.4 GB (B = 8), about 4.2 GB on top
-of the model; gpt-oss-120b (E = 128): 0.75 GB + 4.25 GB + 2.4 GB, about 7.4 GB.
+  + GPTQ work for B experts of gate_up [2d, d]: about B * (2d * d * 17 + d^2 * 16) bytes (source, working
+    copy, permuted copy and result in fp32, codes in u8; Hessian, its permuted copy and factor in fp32).
+gpt-oss-20b (E = 32) with N = 131,072 bf16 tokens and B = 8: 0.75 GB + 1.06 GB + 3.3 GB = 5.1 GB on top of
+the model; gpt-oss-120b (E = 128): 0.75 GB + 4.25 GB + 3.3 GB = 8.3 GB (calibration windows are held as
+token ids only; no layer's activations but the current one's exist).
 """
 from __future__ import annotations
 
@@ -89,6 +91,7 @@ class LayerCalibrator:
         self.settings = GPTQSettings(opts.block_size, opts.damp, opts.act_order, opts.shrink)
         self.layers: list[dict[str, Any]] = []
         self.tokens = int(self.mask.sum())
+        self._forced: dict[int, tuple[Tensor, Tensor]] = {}     # expert -> (token rows, weights), this layer
 
     # ------------------------------------------------------------------ forward pieces
     def _batches(self):
@@ -114,29 +117,76 @@ class LayerCalibrator:
             cos, sin = self.model.rope(pos, x.dtype)
             self.x[sl] = x + layer.self_attn(layer.input_layernorm(x), cos, sin, masks, None)
 
-    def _routed(self, layer: nn.Module, pruned: list[int]):
-        """Per batch: (post-norm states of valid tokens u [n, H], top-k ids [n, k], weights [n, k])."""
+    def _routed(self, layer: nn.Module, pruned: list[int], forced_only: bool = False):
+        """Per batch: (post-norm states of valid tokens u [n, H], {expert: (token rows [n_e], weights [n_e])},
+        router logits [n, E]) for the routed tokens plus the tokens forced into thin experts (``_forced``);
+        ``forced_only``: the forced ones alone."""
         mlp = layer.mlp
+        off = 0
         for sl, valid, _, _ in self._batches():
             u = layer.post_attention_layernorm(self.x[sl])[valid]                      # [n, H]
             logits = mlp.router(u).float()                                               # [n, E]
             if pruned:
                 logits[:, pruned] = float("-inf")
-            vals, idx = torch.topk(logits, mlp.top_k, dim=-1)
-            yield u, idx, torch.softmax(vals, dim=-1)
+            groups: dict[int, tuple[Tensor, Tensor]] = {}
+            if not forced_only:
+                vals, idx = torch.topk(logits, mlp.top_k, dim=-1)                        # [n, k]
+                w = torch.softmax(vals, dim=-1)
+                for e in torch.unique(idx).tolist():
+                    sel = idx == e                                                       # [n, k]
+                    tok = sel.any(dim=1)
+                    groups[e] = (tok.nonzero().squeeze(1), (w * sel).sum(dim=1)[tok])
+            n = u.shape[0]
+            for e, (rows, gw) in self._forced.items():
+                m = (rows >= off) & (rows < off + n)
+                if bool(m.any()):
+                    r0, g0 = groups.get(e, (rows[:0], gw[:0]))
+                    groups[e] = (torch.cat((r0, rows[m] - off)), torch.cat((g0, gw[m])))
+            yield u, groups, logits
+            off += n
+
+    def _balance(self, logits: Tensor, top_k: int, tokens: Tensor, kept: list[int]) -> None:
+        """Expert-balanced calibration: an expert with fewer than ``balance_tokens`` routed tokens gets the
+        tokens with its highest router logits among those not routed to it, each weighted by the routing
+        weight it would get in place of the token's k-th choice (MoEQuant's expert-balanced self-sampling,
+        arXiv 2505.03804 section 4.1; llm-compressor's ``moe_calibrate_all_experts`` runs every token)."""
+        want = self.opts.balance_tokens
+        vals, idx = torch.topk(logits, top_k, dim=-1)                                    # [N, k]
+        for e in kept:
+            need = want - int(tokens[e])
+            if need <= 0:
+                continue
+            score = logits[:, e].masked_fill((idx == e).any(dim=1), float("-inf"))      # [N]
+            need = min(need, int(torch.isfinite(score).sum()))
+            if need <= 0:
+                continue
+            top = torch.topk(score, need).indices.sort().values                         # [need] token rows
+            cand = torch.cat((vals[top, :-1], score[top, None]), dim=1)                  # [need, k]
+            self._forced[e] = (top, torch.softmax(cand, dim=-1)[:, -1])
 
     def gate_up_hessians(self, layer: nn.Module, pruned: list[int]) -> tuple[ExpertHessians, Tensor]:
-        """gate_up Hessians of every expert from its routed tokens' post-norm states, and its gate mass [E]."""
+        """gate_up Hessians of every expert from its routed tokens' post-norm states (plus forced tokens with
+        ``balance_tokens``), and each expert's gate mass [E] over its routed tokens."""
         ex = layer.mlp.experts
         hs = ExpertHessians(ex.num_experts, ex.hidden, self.x.device, self.opts.gate_weighted)
         mass = torch.zeros(ex.num_experts, dtype=torch.float64)
-        for u, idx, w in self._routed(layer, pruned):
-            for e in torch.unique(idx).tolist():
-                sel = (idx == e)                                                         # [n, k]
-                tok = sel.any(dim=1)
-                gate = (w * sel).sum(dim=1)[tok]                                         # [n_e]
-                hs.add(e, u[tok], gate)
+        self._forced = {}
+        all_logits = []
+        for u, groups, logits in self._routed(layer, pruned):
+            for e, (rows, gate) in groups.items():
+                hs.add(e, u[rows], gate)
                 mass[e] += float(gate.double().sum())
+            if self.opts.balance_tokens:
+                all_logits.append(logits)
+        if self.opts.balance_tokens:
+            kept = [e for e in range(ex.num_experts) if e not in pruned]
+            self._balance(torch.cat(all_logits), layer.mlp.top_k, hs.tokens.clone(), kept)
+            del all_logits
+            routed = hs.tokens.clone()
+            for u, groups, _ in self._routed(layer, pruned, forced_only=True):
+                for e, (rows, gate) in groups.items():
+                    hs.add(e, u[rows], gate)
+            hs.forced = hs.tokens - routed
         return hs, mass
 
     # ------------------------------------------------------------------ the hook
@@ -154,20 +204,21 @@ class LayerCalibrator:
         entries = {e: {"expert": e, "format": f, "source_format": ex.packed("gate_up", e).format}
                    for e, f in enumerate(row) if f != PRUNE}
         hs, mass = self.gate_up_hessians(layer, pruned)
+        forced = hs.forced
         for e, ent in entries.items():
-            ent["tokens"] = int(hs.tokens[e])
+            ent["tokens"] = int(hs.tokens[e]) - (int(forced[e]) if forced is not None else 0)
+            if forced is not None:
+                ent["forced_tokens"] = int(forced[e])
             ent["gate_mass"] = round(float(mass[e]), 6)
         self._quantize_kind(i, ex, "gate_up", hs, entries)
         del hs
         # down: Hessians from each expert's SwiGLU output with its quantized gate_up
         hs = ExpertHessians(ex.num_experts, ex.intermediate, self.x.device, self.opts.gate_weighted)
-        for u, idx, w in self._routed(layer, pruned):
-            for e in torch.unique(idx).tolist():
-                sel = (idx == e)
-                tok = sel.any(dim=1)
-                xe = u[tok]
+        for u, groups, _ in self._routed(layer, pruned):
+            for e, (rows, gate) in groups.items():
+                xe = u[rows]
                 a = ex.gate_up_matmul(e, xe) + ex.gate_up_bias[e].to(xe.dtype)           # [n, 2I]
-                hs.add(e, clamped_swiglu(a, ex.alpha, ex.limit), (w * sel).sum(dim=1)[tok])
+                hs.add(e, clamped_swiglu(a, ex.alpha, ex.limit), gate)
         self._quantize_kind(i, ex, "down", hs, entries)
         del hs
         self.layers.append({"layer": i, "seconds": round(time.perf_counter() - t0, 3),
@@ -186,10 +237,11 @@ class LayerCalibrator:
                 ent["method"] = "kept"                      # convert keeps these bytes: nothing to calibrate
             elif f not in GRIDS:
                 ent["method"] = "convert"                   # bf16: exact, nothing to calibrate
-            elif ent["tokens"] < o.min_tokens:
+            elif ent["tokens"] + ent.get("forced_tokens", 0) < o.min_tokens:
                 ent["method"] = "fallback"
                 ent["fallback"] = o.fallback
-                ent["fallback_reason"] = f"{ent['tokens']} routed tokens < min_tokens={o.min_tokens}"
+                ent["fallback_reason"] = (f"{ent['tokens']} routed (+{ent.get('forced_tokens', 0)} forced) tokens "
+                                          f"< min_tokens={o.min_tokens}")
                 w = get_format(src).dequantize(ex.packed(kind, e), torch.float32).unsqueeze(0)
                 ex.set_expert(kind, e, rtn_fallback(w, f, o)[0])
             else:

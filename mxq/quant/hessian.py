@@ -25,6 +25,7 @@ class ExpertHessians:
         self.sums = torch.zeros(num_experts, dim, dim, dtype=torch.float32, device=device)   # [E, d, d]
         self.tokens = torch.zeros(num_experts, dtype=torch.long)                             # [E]
         self.weight = torch.zeros(num_experts, dtype=torch.float64)                          # [E]
+        self.forced: Tensor | None = None    # [E] tokens added by expert-balanced calibration (calibrate.py)
 
     def add(self, e: int, x: Tensor, gate: Tensor | None = None) -> None:
         """Add the inputs x [n, d] of expert ``e`` (its routed tokens), with their routing weights gate [n]."""

@@ -14,6 +14,9 @@ Every option is an ablation switch of the calibrated quantizer (``mxq.quant.cali
   of a handful of tokens over-fits them) but quantized by ``fallback`` and listed in calibration.json.
 * ``fallback`` (rtn): ``rtn`` (the format's own quantizer) or ``rtn_mse`` (the format's rounding with the
   MSE scale search, unweighted).
+* ``balance_tokens`` (0 = off): expert-balanced calibration; an expert routed fewer tokens gets the
+  calibration tokens with its highest router logits added up to this count (MoEQuant's expert-balanced
+  self-sampling, arXiv 2505.03804), reported as ``forced_tokens``.
 * ``expert_batch`` (8): experts quantized together (memory: see docs in ``mxq.quant.calibrate``).
 * ``report_condition`` (true): eigenvalues of every Hessian for calibration.json (rank, condition number).
 """
@@ -29,7 +32,7 @@ FALLBACKS = ("rtn", "rtn_mse")
 GPTQ_DEFAULTS: dict[str, Any] = {
     "block_size": 128, "damp": 0.01, "act_order": True, "gate_weighted": False, "mse_clip": False,
     "mse_steps": 10, "mse_min_shrink": 0.7, "min_tokens": 32, "fallback": "rtn", "expert_batch": 8,
-    "report_condition": True,
+    "report_condition": True, "balance_tokens": 0,
 }
 
 
@@ -46,6 +49,7 @@ class GPTQOptions:
     fallback: str = "rtn"
     expert_batch: int = 8
     report_condition: bool = True
+    balance_tokens: int = 0
 
     @property
     def shrink(self) -> tuple[float, ...]:
@@ -80,6 +84,8 @@ def gptq_options(quant: dict[str, Any]) -> GPTQOptions:
     for key in ("block_size", "mse_steps", "expert_batch"):
         if not _is_int(o[key]) or o[key] < (2 if key == "mse_steps" else 1):
             _fail(f"gptq.{key}", o[key], f"must be an integer >= {2 if key == 'mse_steps' else 1}")
+    if not _is_int(o["balance_tokens"]) or o["balance_tokens"] < 0:
+        _fail("gptq.balance_tokens", o["balance_tokens"], "must be an integer >= 0 (0: off)")
     if not _is_int(o["min_tokens"]) or o["min_tokens"] < 1:
         _fail("gptq.min_tokens", o["min_tokens"], "must be an integer >= 1 (tokens an expert needs to be calibrated)")
     if not _is_num(o["damp"]) or not 0.0 < o["damp"] <= 1.0:
