@@ -91,11 +91,12 @@ def sym_scale_search(xg: Tensor, shrink: tuple[float, ...] = SYM_SHRINK) -> Tens
     inv = torch.where(pos, 1.0 / torch.where(pos, amax, torch.ones_like(amax)), torch.zeros_like(amax))
     xn = xg * inv.unsqueeze(-1)                                                 # [R, G, g] in [-1, 1]
     best_s = best_e = None
+    one = torch.ones_like(amax)
     for c in [s0 * f for f in shrink] + [div(amax, 7.5), div(amax, 7.0)]:
-        s = _bf16_scale(c, pos, _SYM_SCALE_MAX)                                 # [R, G]
-        sf = s.float().unsqueeze(-1)
-        q = torch.round(_divide(xg, sf)).clamp(-8, 7)                           # [R, G, g]
-        e = (q * (sf * inv.unsqueeze(-1)) - xn).pow(2).sum(dim=-1, dtype=torch.float64)  # [R, G]
+        s = _bf16_scale(c, pos, _SYM_SCALE_MAX)                                 # [R, G], > 0 where pos
+        safe = torch.where(pos, s.float(), one).unsqueeze(-1)                   # all-zero group: x = 0, q = 0
+        q = torch.round(xg / safe).clamp_(-8, 7)                                # [R, G, g]
+        e = (q.mul_(safe * inv.unsqueeze(-1)) - xn).pow_(2).sum(dim=-1, dtype=torch.float64)  # [R, G]
         if best_s is None:
             best_s, best_e = s, e
         else:
