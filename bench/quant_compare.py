@@ -131,8 +131,9 @@ def markdown(rows: list[dict]) -> str:
     doms = list(next(r["ppl"] for r in rows if "ppl" in r))
     head = ("| tool | method | format | KL mean (nats/token) | KL p99 | top-1 agreement | "
             + " | ".join(f"ppl {d}" for d in doms) + " | quantize time (s) |")
-    lines = [head, "|" + "---|" * (7 + len(doms) - 1)]
-    for r in rows:
+    lines = [head, "|" + "---|" * (7 + len(doms))]
+    order = {f: i for i, f in enumerate(FORMATS)}
+    for r in sorted(rows, key=lambda r: order.get(r["format"], 0)):          # peers' "int4 g32 sym" with int4_g32
         if "error" in r:
             lines.append(f"| {r['tool']} | {r['method']} | {r['format']} | failed: {r['error'][-120:]!r} |")
             continue
