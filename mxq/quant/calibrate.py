@@ -17,6 +17,13 @@ Experts whose target format is their current one keep their bytes (``convert`` n
 bf16 targets are converted without calibration. An expert with fewer than ``min_tokens`` routed tokens
 (zero included) is quantized by ``fallback`` and listed; nothing is left in a default state silently.
 
+``calibration.json`` (version 1): ``options``, ``calibration_tokens``, ``methods`` (experts per method:
+``gptq``, ``fallback``, ``kept``, ``convert``), ``fallbacks`` (layer, expert, tokens, fallback) and per layer
+``seconds`` and per expert ``tokens`` (routed), ``gate_mass``, ``forced_tokens`` (expert-balanced
+calibration), ``method`` (+ ``fallback_reason``) and per matrix (``gate_up``, ``down``) the damping applied
+and its retries, inputs never seen (``dead_inputs``), Hessian ``rank`` and ``condition`` (null: singular),
+and the relative calibration-weighted output error tr(D H D^T) / tr(W H W^T) of GPTQ and of RTN.
+
 Memory per layer (d = hidden = intermediate = 2880 for gpt-oss-20b and -120b; E experts; N calibration
 tokens; fp32 Hessians; ``a`` bytes per activation in the model's dtype; B = ``expert_batch``):
   hidden states N * d * a (one buffer, updated in place; routing is recomputed per batch, not stored)
