@@ -121,13 +121,15 @@ def _stats(ctx: RunContext) -> None:
 @stage("plan", when=lambda ctx: ctx.cfg.recipe.get("planner"))
 def _plan(ctx: RunContext) -> None:
     from .io.targets import export_model
-    from .plan import apply_, build_plan
+    from .plan import build_plan
+    from .quant import quantize_
 
     t0 = time.perf_counter()
     ctx.plan = build_plan(ctx.cfg.recipe, ctx.stats, ctx.model)
     ctx.plan.save(ctx.run_dir / "plan.json")
     t1 = time.perf_counter()
-    apply_(ctx.model, ctx.plan)
+    quantize_(ctx.model, ctx.plan, ctx.cfg.recipe, tokenizer=ctx.tokenizer, calib_cfg=ctx.cfg.calib,
+              run_dir=ctx.run_dir, batch_size=ctx.cfg.batch_size)          # rtn = apply_; gptq: calibration.json
     t2 = time.perf_counter()
     ctx.timings.update(plan_build=round(t1 - t0, 3), plan_apply=round(t2 - t1, 3))
     if ctx.cfg.recipe.get("export", {}).get("enabled"):

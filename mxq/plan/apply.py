@@ -14,6 +14,8 @@ the stored values); the packed weight is kept on the module as ``_mxq_packed`` f
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -120,14 +122,20 @@ def _apply_linear(lin: nn.Linear, fmt: str, name: str | None = None) -> None:
 
 
 @torch.no_grad()
-def apply_(model, plan: Plan) -> None:
-    """Apply ``plan`` to ``model`` in place; the plan is fully checked before anything changes."""
+def apply_(model, plan: Plan, layer_hook: Callable[[int, nn.Module], None] | None = None) -> None:
+    """Apply ``plan`` to ``model`` in place; the plan is fully checked before anything changes.
+
+    ``layer_hook(i, layer)`` runs before layer i is re-packed, after layers < i are done: calibrated
+    quantizers (``mxq.quant``) install each kept expert's packed weights in its target format there.
+    """
     plan.check(model.config)
     for i, layer in enumerate(model.layers):
         if not isinstance(layer.mlp.experts, PackedExperts):
             raise PlanError(f"layer {i}: plans apply to packed experts, not {type(layer.mlp.experts).__name__}")
     k = plan.num_kept
     for i, layer in enumerate(model.layers):
+        if layer_hook is not None:
+            layer_hook(i, layer)
         _apply_layer(layer.mlp, plan.experts[i])
         for n in PROJECTIONS:
             _apply_linear(getattr(layer.self_attn, n), plan.attention, f"model.layers.{i}.self_attn.{n}.weight")

@@ -19,7 +19,7 @@ KEEP, MIXED = "keep", "mixed"
 DEFAULTS: dict[str, Any] = {
     "name": None, "stats": False, "planner": None,
     "prune": {"fraction": 0.0, "criterion": "reap", "protect_super": True, "seed": 0},
-    "quant": {"format": KEEP, "attention": "bf16", "lm_head": "bf16"},
+    "quant": {"format": KEEP, "attention": "bf16", "lm_head": "bf16", "method": "rtn", "gptq": {}},
     "mixed": {"menu": ["fp8", "mxfp4", "nvfp4", "int4_g128", "nf4_dq"], "budget_bits": None, "budget_bytes": None,
               "importance": "reap", "solver": "milp", "scope": "layer"},
     "export": {"enabled": False, "formats": [], "gguf_type": None},

@@ -155,6 +155,9 @@ def validate(recipe: Any, config) -> dict[str, Any]:
         if not mixed_used and r["mixed"][opt] is not None:
             _fail(f"mixed.{opt}", r["mixed"][opt], f"is not used: planner={name} with quant.format={fmt} does not "
                   "choose formats per expert (use planner=mixed, or prune_then_quant with quant.format=mixed)")
+    from ..quant.options import validate_quant  # quant.method and quant.gptq.* (mxq.quant)
+
+    validate_quant(r, uses)
     if not isinstance(r["export"].get("enabled"), bool):
         _fail("export.enabled", r["export"].get("enabled"), "must be true or false")
     _validate_export_formats(r["export"])
