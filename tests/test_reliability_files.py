@@ -116,10 +116,9 @@ def test_umask_is_respected(tmp_path):
 # ------------------------------------------------------------------------------------------- folders
 def test_staged_dir_is_all_or_nothing(tmp_path):
     out = tmp_path / "entry"
-    with pytest.raises(RuntimeError):
-        with staged_dir(out) as tmp:
-            (tmp / "half").write_text("x")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), staged_dir(out) as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
     with staged_dir(out) as tmp:
         (tmp / "whole").write_text("x")
@@ -234,9 +233,8 @@ def test_staged_dir_replace_swaps_whole_and_refuses_without_replace(tmp_path):
     out = tmp_path / "entry"
     with staged_dir(out) as tmp:
         (tmp / "v").write_text("1")
-    with pytest.raises(FileExistsError, match="entry: already exists"):
-        with staged_dir(out) as tmp:
-            pass
+    with pytest.raises(FileExistsError, match="entry: already exists"), staged_dir(out) as tmp:
+        pass
     removed: list[Path] = []
     real_rmtree = atomic.shutil.rmtree
     with staged_dir(out, replace=True) as tmp:

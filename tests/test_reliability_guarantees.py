@@ -164,7 +164,7 @@ def choose(scores, count, uncal=None):
     from mxq.plan.scores import choose_pruned
 
     cfg = SimpleNamespace(num_hidden_layers=scores.shape[0], num_local_experts=scores.shape[1])
-    pruned, notes, _ = choose_pruned(cfg, fake_stats(scores, uncal), "reap", count, False, 0)
+    pruned, _, _ = choose_pruned(cfg, fake_stats(scores, uncal), "reap", count, False, 0)
     return pruned
 
 

@@ -92,8 +92,8 @@ def test_overwrite_refuses_a_folder_mxq_did_not_write(ckpt, tmp_path):
 
 
 def test_binary_calibration_file_is_named(tmp_path):
-    from mxq.calib.sources import file_texts
     from mxq.calib.config import CalibConfig
+    from mxq.calib.sources import file_texts
 
     blob = tmp_path / "weights.txt"
     blob.write_bytes(bytes(range(256)) * 4)
