@@ -216,6 +216,8 @@ def test_choose_pruned_records_what_it_did():
     assert "protect_super=false: super experts [(1, 2)] may be pruned" in notes and "protected_super" not in info
     pruned, _, _ = choose_pruned(cfg, torch_stats(scores, None, [(0, 0), (0, 1)]), "reap", 2, True, 0)
     assert pruned[0] == [2, 3]
+    _, notes, _ = choose_pruned(cfg, torch_stats(scores), "reap", 1, True, 0)        # no super experts at all
+    assert not any("super experts" in n for n in notes)
     # more uncalibrated experts than the count: the rest are kept, and the note says so
     all_unc = np.ones((2, 4), bool)
     _, notes, _ = choose_pruned(cfg, torch_stats(scores, all_unc), "reap", 1, True, 0)
@@ -247,6 +249,8 @@ def test_importance_table_fill_clip_and_scope():
     assert notes == ["layer 0 expert 2: uncalibrated, importance set to the layer minimum -1"]
     t, _ = importance_table(torch_stats(scores, uncal), cfg, "reap", kept, "model")
     np.testing.assert_allclose(t, [[1.0, 0.0, 0.0, 3.0], [1.0, 1.0, 1.0, 1.0]])      # mean 2 -> /2; mean 0 -> ones
+    t, _ = importance_table(torch_stats(scores / 8, uncal), cfg, "reap", kept, "model")
+    np.testing.assert_allclose(t[0], [1.0, 0.0, 0.0, 3.0])                            # mean 0.25: still / mean
     all_unc = np.array([[True] * 4, [False] * 4])
     t, _ = importance_table(torch_stats(scores, all_unc), cfg, "reap", kept, "layer")
     np.testing.assert_array_equal(t[0], [1.0] * 4)                                    # nothing calibrated: 1
