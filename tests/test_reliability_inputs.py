@@ -176,6 +176,10 @@ def test_replaceable_rules(tmp_path):
                        match=r"original/notes.txt is not a file mxq writes.*\(1 such entry\); remove the folder yourself"):
         check_replaceable(ck)
     (ck / "original" / "notes.txt").unlink()
+    (ck / "original" / "original").mkdir()                                 # only one level of original/
+    with pytest.raises(NotOwnedError, match=r"original/original is not a file mxq writes"):
+        check_replaceable(ck)
+    (ck / "original" / "original").rmdir()
     (ck / "data").mkdir()                                                   # any other folder is foreign
     (ck / "extra.bin").write_text("x")
     with pytest.raises(NotOwnedError, match=r"data is not a file mxq writes.*\(2 such entries\)"):
