@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import xxhash
@@ -129,7 +130,7 @@ def load_tensor_entry(path: Path) -> dict[str, torch.Tensor] | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         _discard(path, f"{type(e).__name__}: {e}")
         return None

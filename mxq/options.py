@@ -8,7 +8,8 @@ inside torch. ``positive_int``/``positive_float`` are argparse types; ``check_ru
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

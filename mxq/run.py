@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import jsonout, rundir  # noqa: F401  (rundir registers the ${mxq_uid:} resolver of hydra.run.dir)
+from . import jsonout, rundir  # importing rundir registers the ${mxq_uid:} resolver of hydra.run.dir
 from .atomic import write_atomic
 from .console import StageDisplay, quiet_libraries
 from .resources import RECIPES_SEARCH_PATH, recipes_dir
@@ -229,9 +230,8 @@ def _file_log(run_dir: Path) -> logging.Handler | None:
             return None
     h = logging.FileHandler(target)
     h.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    h.setLevel(logging.INFO)
     logging.getLogger().addHandler(h)
-    if logging.getLogger("mxq").getEffectiveLevel() > logging.INFO:
-        logging.getLogger("mxq").setLevel(logging.INFO)
     return h
 
 

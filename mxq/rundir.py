@@ -83,7 +83,7 @@ def _clear(run_dir: Path) -> None:
 
 def _create_marker(run_dir: Path) -> None:
     info = {"pid": os.getpid(), "host": socket.gethostname(), "status": "running",
-            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
     try:
         fd = os.open(run_dir / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:
@@ -136,7 +136,7 @@ def fail(run_dir: str | Path, exc: BaseException) -> None:
     """Leave the marker with ``status: failed`` and the error (the folder stays marked incomplete)."""
     run_dir = Path(run_dir)
     info = _read_marker(run_dir) | {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:4000],
-                                    "failed": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+                                    "failed": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
     try:
         write_atomic(run_dir / MARKER, json.dumps(info, indent=1) + "\n")
     except OSError:
@@ -173,7 +173,7 @@ class RunDirGuard(Callback):
         try:
             cfg_yaml = OmegaConf.to_yaml(OmegaConf.create(
                 OmegaConf.to_container(OmegaConf.masked_copy(config, list(task)), resolve=True)))
-        except Exception:           # an interpolation that only resolves inside the job: compare later
+        except Exception:  # noqa: BLE001 - an interpolation that only resolves inside the job: compare later
             cfg_yaml = None
         try:
             claim(run_dir, bool(opts.get("overwrite", False)), bool(opts.get("resume", False)), cfg_yaml)

@@ -21,9 +21,9 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -192,7 +192,7 @@ def check_checkpoint(folder: str | Path, max_abs: float = FP16_MAX) -> tuple[lis
     return problems, n
 
 
-def require_valid(model: "torch.nn.Module | str | Path", allow: bool = False, max_abs: float = FP16_MAX,
+def require_valid(model: torch.nn.Module | str | Path, allow: bool = False, max_abs: float = FP16_MAX,
                   option: str | None = "validate.allow_nonfinite=true") -> dict:
     """``check_model`` (or ``check_checkpoint`` for a folder), then raise ``WeightError`` on any problem
     unless ``allow`` (then a warning). ``option`` is what the message tells the user to pass to proceed

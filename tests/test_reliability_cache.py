@@ -132,8 +132,7 @@ def test_lock_blocks_a_second_holder(tmp_path):
     lock_a, lock_b = entry_lock(tmp_path / "e"), entry_lock(tmp_path / "e", timeout=0.2)
     from filelock import Timeout
 
-    with lock_a:
-        with pytest.raises(Timeout):
-            lock_b.acquire()
+    with lock_a, pytest.raises(Timeout):
+        lock_b.acquire()
     with lock_b:
         pass

@@ -116,10 +116,9 @@ def test_umask_is_respected(tmp_path):
 # ------------------------------------------------------------------------------------------- folders
 def test_staged_dir_is_all_or_nothing(tmp_path):
     out = tmp_path / "entry"
-    with pytest.raises(RuntimeError):
-        with staged_dir(out) as tmp:
-            (tmp / "half").write_text("x")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), staged_dir(out) as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
     with staged_dir(out) as tmp:
         (tmp / "whole").write_text("x")
@@ -194,3 +193,81 @@ def test_partial_names_carry_the_writer_pid(tmp_path):
     assert name.startswith(f".out.partial-{os.getpid()}-")
     time.sleep(0)                                          # names differ between calls (random suffix)
     assert atomic.partial_name(tmp_path / "out").name != name
+
+
+# ------------------------------------------------------------------------------------------- contracts in detail
+def test_temp_file_sits_beside_the_target_with_a_recognisable_name(tmp_path, monkeypatch):
+    """Same folder (the rename stays on one filesystem) and ``.NAME.PID.*.tmp`` (leftovers are attributable)."""
+    seen: list[str] = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: seen.append(str(a)) or real(a, b))
+    target = tmp_path / "deep" / "er" / "plan.json"                     # parents are created
+    write_atomic(target, "{}")
+    st = tmp_path / "new" / "er" / "s.safetensors"
+    save_safetensors_atomic(st, {"a": torch.ones(1)}, {"k": "v"})
+    for tmp, final in zip(seen, (target, st)):
+        t = Path(tmp)
+        assert t.name.startswith(f".{final.name}.{os.getpid()}.") and t.name.endswith(".tmp")
+        assert t.parent == final.parent
+    from safetensors import safe_open
+
+    with safe_open(str(st), framework="pt") as f:
+        assert f.metadata() == {"k": "v"}
+
+
+def test_umask_fallback_without_proc(tmp_path, monkeypatch):
+    real = Path.read_text
+
+    def no_proc(self, *a, **kw):
+        if str(self).startswith("/proc"):
+            raise OSError("no /proc")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    os.umask(0o027)
+    assert atomic.file_mode() == 0o640 and atomic.dir_mode() == 0o750
+    assert os.umask(0o022) == 0o027                                      # left as it was
+
+
+def test_staged_dir_replace_swaps_whole_and_refuses_without_replace(tmp_path):
+    out = tmp_path / "entry"
+    with staged_dir(out) as tmp:
+        (tmp / "v").write_text("1")
+    with pytest.raises(FileExistsError, match="entry: already exists"), staged_dir(out) as tmp:
+        pass
+    removed: list[Path] = []
+    real_rmtree = atomic.shutil.rmtree
+    with staged_dir(out, replace=True) as tmp:
+        (tmp / "v").write_text("2")
+        atomic.shutil.rmtree = lambda p, **kw: removed.append(Path(p)) or real_rmtree(p, **kw)
+    atomic.shutil.rmtree = real_rmtree
+    # the swapped-out folder is named so that a writer killed before deleting it leaves a removable leftover
+    assert [atomic._PARTIAL.match(p.name)["kind"] for p in removed] == ["old"]
+    assert (out / "v").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
+    tmp = atomic.partial_name(out)                       # finish_dir on a target that appeared meanwhile
+    tmp.mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        atomic.finish_dir(tmp, out)
+    assert not tmp.exists() and (out / "v").read_text() == "2"
+
+
+def test_alive_rules(monkeypatch, tmp_path):
+    assert atomic._alive(os.getpid())
+    mine = tmp_path / f".x.partial-{os.getpid()}-00"
+    mine.mkdir()
+    assert stale_partials(tmp_path / "x") == []                           # never our own
+
+    def denied(pid, sig):
+        raise PermissionError("another user's process")
+
+    monkeypatch.setattr(os, "kill", denied)
+    assert atomic._alive(12345)                                           # exists, not ours: alive
+
+
+def test_stale_partial_files_are_removed_and_named_with_their_pid(tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    f = tmp_path / f".cfg.json.tmp-{dead.pid}-ab12"
+    f.write_text("half")
+    assert atomic.remove_stale_partials(tmp_path / "cfg.json") == [f]
+    assert not f.exists() and f"pid {dead.pid}" in caplog.text

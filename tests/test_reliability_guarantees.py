@@ -164,7 +164,7 @@ def choose(scores, count, uncal=None):
     from mxq.plan.scores import choose_pruned
 
     cfg = SimpleNamespace(num_hidden_layers=scores.shape[0], num_local_experts=scores.shape[1])
-    pruned, notes, _ = choose_pruned(cfg, fake_stats(scores, uncal), "reap", count, False, 0)
+    pruned, _, _ = choose_pruned(cfg, fake_stats(scores, uncal), "reap", count, False, 0)
     return pruned
 
 
@@ -188,3 +188,72 @@ def test_pruned_count_is_floor_of_fraction_times_experts(fraction, E, count):
     from mxq.plan.recipe import pruned_count
 
     assert pruned_count(fraction, E) == count == math.floor(fraction * E + 1e-9)
+
+
+def torch_stats(scores: np.ndarray, uncal: np.ndarray | None = None, supers=()):
+    """RouterStats-like object holding torch tensors, as the real statistics do."""
+    s = fake_stats(scores, uncal)
+    unc = torch.from_numpy(s.uncalibrated)
+    table = torch.from_numpy(np.where(s.uncalibrated, np.nan, scores))
+    return SimpleNamespace(num_layers=s.num_layers, num_experts=s.num_experts, super_experts=list(supers),
+                           uncalibrated=unc, score=lambda name: table)
+
+
+def test_choose_pruned_records_what_it_did():
+    from mxq.plan.scores import choose_pruned
+
+    scores = np.array([[0.5, 0.1, 0.9, 0.3], [0.4, 0.8, 0.2, 0.6]])
+    uncal = np.array([[False, False, True, False], [False, False, False, False]])
+    cfg = SimpleNamespace(num_hidden_layers=2, num_local_experts=4)
+    pruned, notes, info = choose_pruned(cfg, torch_stats(scores, uncal, [(1, 2)]), "reap", 2, True, 0)
+    assert pruned == [[1, 2], [0, 3]]                          # layer 1: super expert 2 protected
+    assert info["criterion"] == "reap" and info["pruned_per_layer"] == 2 and info["pruned"] == pruned
+    assert info["protected_super"] == [[1, 2]] and info["scores"][0][2] is None and info["scores"][0][1] == 0.1
+    assert any("layer 0 expert 2: uncalibrated" in n and n.endswith("pruned") for n in notes)
+    assert "super experts protected from pruning: [(1, 2)]" in notes
+    # protect_super=false says the super experts may go; a candidate set exactly the prune count is fine
+    _, notes, info = choose_pruned(cfg, torch_stats(scores, None, [(1, 2)]), "reap", 2, False, 0)
+    assert "protect_super=false: super experts [(1, 2)] may be pruned" in notes and "protected_super" not in info
+    pruned, _, _ = choose_pruned(cfg, torch_stats(scores, None, [(0, 0), (0, 1)]), "reap", 2, True, 0)
+    assert pruned[0] == [2, 3]
+    _, notes, _ = choose_pruned(cfg, torch_stats(scores), "reap", 1, True, 0)        # no super experts at all
+    assert not any("super experts" in n for n in notes)
+    # more uncalibrated experts than the count: the rest are kept, and the note says so
+    all_unc = np.ones((2, 4), bool)
+    _, notes, _ = choose_pruned(cfg, torch_stats(scores, all_unc), "reap", 1, True, 0)
+    assert "layer 0 expert 3: uncalibrated (no calibration token), ranked least important, kept (more " \
+           "uncalibrated experts than the prune count)" in notes
+    _, _, info = choose_pruned(cfg, None, "random", 1, True, 7)
+    assert info["seed"] == 7 and info["criterion"] == "random"
+    from mxq.plan import PlanError
+
+    with pytest.raises(PlanError, match=r"recipe.prune.criterion='reap' needs router statistics.*recipe.stats=true"):
+        choose_pruned(cfg, None, "reap", 1, True, 0)
+    with pytest.raises(PlanError, match=r"layer 0: 2 protected super experts leave 2 candidates.*recipe.prune.fraction"):
+        choose_pruned(cfg, torch_stats(scores, None, [(0, 0), (0, 1)]), "reap", 3, True, 0)
+
+
+def test_importance_table_fill_clip_and_scope():
+    """Mixed precision weighs each expert's error by its importance: uncalibrated experts get the layer's
+    smallest calibrated importance (not 0: their error would be free), negatives clip to 0, and with one
+    model-wide budget each layer is divided by its mean over kept experts."""
+    from mxq.plan import PlanError
+    from mxq.plan.scores import importance_table
+
+    scores = np.array([[2.0, -1.0, 4.0, 6.0], [0.0, 0.0, 0.0, 0.0]])
+    uncal = np.array([[False, False, True, False], [False, False, False, False]])
+    cfg = SimpleNamespace(num_hidden_layers=2, num_local_experts=4)
+    kept = [[0, 1, 2, 3], [0, 1, 2]]
+    t, notes = importance_table(torch_stats(scores, uncal), cfg, "reap", kept, "layer")
+    np.testing.assert_array_equal(t, [[2.0, 0.0, 0.0, 6.0], [0.0, 0.0, 0.0, 1.0]])   # fill = min(2, -1, 6) -> clip
+    assert notes == ["layer 0 expert 2: uncalibrated, importance set to the layer minimum -1"]
+    t, _ = importance_table(torch_stats(scores, uncal), cfg, "reap", kept, "model")
+    np.testing.assert_allclose(t, [[1.0, 0.0, 0.0, 3.0], [1.0, 1.0, 1.0, 1.0]])      # mean 2 -> /2; mean 0 -> ones
+    t, _ = importance_table(torch_stats(scores / 8, uncal), cfg, "reap", kept, "model")
+    np.testing.assert_allclose(t[0], [1.0, 0.0, 0.0, 3.0])                            # mean 0.25: still / mean
+    all_unc = np.array([[True] * 4, [False] * 4])
+    t, _ = importance_table(torch_stats(scores, all_unc), cfg, "reap", kept, "layer")
+    np.testing.assert_array_equal(t[0], [1.0] * 4)                                    # nothing calibrated: 1
+    assert (importance_table(None, cfg, "uniform", kept, "layer")[0] == 1).all()
+    with pytest.raises(PlanError, match=r"recipe.mixed.importance='reap' needs router statistics.*importance=uniform"):
+        importance_table(None, cfg, "reap", kept, "layer")

@@ -92,8 +92,8 @@ def test_overwrite_refuses_a_folder_mxq_did_not_write(ckpt, tmp_path):
 
 
 def test_binary_calibration_file_is_named(tmp_path):
-    from mxq.calib.sources import file_texts
     from mxq.calib.config import CalibConfig
+    from mxq.calib.sources import file_texts
 
     blob = tmp_path / "weights.txt"
     blob.write_bytes(bytes(range(256)) * 4)
@@ -148,3 +148,59 @@ def test_manifest_of_a_clean_export_still_loads_and_verifies(mxq_ckpt):
 
     verify(mxq_ckpt)
     assert mxq.load_model(mxq_ckpt).config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("name,why", [
+    ("", "not a plain relative path"), (None, "not a plain relative path"), (3, "not a plain relative path"),
+    ("a\x00b.safetensors", "not a plain relative path"), ("..\\x.safetensors", "not a plain relative path"),
+    ("/abs.safetensors", "points outside"), ("../x.safetensors", "points outside"),
+    ("sub/../model.safetensors", "points outside"),            # even when it would land inside: no '..' at all
+])
+def test_confined_rejects_every_non_plain_entry(tmp_path, name, why):
+    from mxq.io.paths import confined
+
+    with pytest.raises(CheckpointError, match=f"mxq_manifest.json: file entry .*{why}"):
+        confined(tmp_path, name, tmp_path / "mxq_manifest.json")
+    assert confined(tmp_path, "original/model.safetensors", tmp_path / "m.json") == tmp_path / "original" / "model.safetensors"
+
+
+def test_replaceable_rules(tmp_path):
+    from mxq.io.owned import check_replaceable
+
+    ck = tmp_path / "ck"
+    (ck / "original").mkdir(parents=True)
+    for f in ("config.json", "model.safetensors", "original/config.json", "original/model.safetensors"):
+        (ck / f).write_text("x")
+    check_replaceable(ck)                                                   # original/ is searched, and clean
+    (ck / "original" / "notes.txt").write_text("mine")
+    with pytest.raises(NotOwnedError,
+                       match=r"original/notes.txt is not a file mxq writes.*\(1 such entry\); remove the folder yourself"):
+        check_replaceable(ck)
+    (ck / "original" / "notes.txt").unlink()
+    (ck / "original" / "original").mkdir()                                 # only one level of original/
+    with pytest.raises(NotOwnedError, match=r"original/original is not a file mxq writes"):
+        check_replaceable(ck)
+    (ck / "original" / "original").rmdir()
+    (ck / "data").mkdir()                                                   # any other folder is foreign
+    (ck / "extra.bin").write_text("x")
+    with pytest.raises(NotOwnedError, match=r"data is not a file mxq writes.*\(2 such entries\)"):
+        check_replaceable(ck)
+    (ck / "data").rmdir()
+    (ck / "extra.bin").unlink()
+    (ck / "tokenizer.json").symlink_to(tmp_path / "elsewhere.json")       # a link is never mxq's
+    with pytest.raises(NotOwnedError, match="tokenizer.json"):
+        check_replaceable(ck)
+    (ck / "tokenizer.json").unlink()
+    (ck / "config.json").unlink()
+    with pytest.raises(NotOwnedError, match="no config.json, so it is not a checkpoint"):
+        check_replaceable(ck)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(NotOwnedError, match="exists and is not a folder"):
+        check_replaceable(f)
+    (tmp_path / "link").symlink_to(ck)
+    with pytest.raises(NotOwnedError, match="exists and is not a folder"):
+        check_replaceable(tmp_path / "link")
+    (tmp_path / "empty").mkdir()
+    check_replaceable(tmp_path / "empty")
+    check_replaceable(tmp_path / "absent")

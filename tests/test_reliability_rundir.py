@@ -141,7 +141,7 @@ def test_cli_refuses_before_hydra_writes_into_the_folder(tmp_path):
     (out / "run.log").write_text("first run log\n")
     (out / "resolved_config.yaml").write_text("first run\n")
     r = subprocess.run([sys.executable, "-m", "mxq.run", "recipe=baseline", "eval=none", f"hydra.run.dir={out}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode != 0 and "not empty" in r.stderr
     assert (out / ".hydra" / "config.yaml").read_text() == "first run\n"
     assert (out / "run.log").read_text() == "first run log\n"

@@ -5,7 +5,6 @@ task name is looked up in lm-eval's own index, e.g. for real checkpoints. Result
 """
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -76,7 +75,10 @@ def run_lm_eval(model, tokenizer, cfg: dict[str, Any], run_dir: Path | None = No
                       "versions": {k: _clean(v) for k, v in (res.get("versions") or {}).items()},
                       "lm_eval": lm_eval.__version__}}
     if run_dir is not None:
-        Path(run_dir, "lm_eval_results.json").write_text(json.dumps(
+        from .. import jsonout
+        from ..atomic import write_atomic
+
+        write_atomic(Path(run_dir, "lm_eval_results.json"), jsonout.dumps(       # lm-eval reports NaN stderrs
             {k: res.get(k) for k in ("results", "groups", "n-samples", "versions", "higher_is_better")},
             indent=2, default=str) + "\n")
     return out

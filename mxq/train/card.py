@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from mxq import jsonout
 from mxq.atomic import write_atomic
 from mxq.data.corpus import DOMAINS, load_text
 
@@ -134,7 +135,7 @@ def part_lmeval(model_dir: str, device: str, batch: int, limit: int | None, adap
 
             return MxqLM(pretrained=model_dir, batch_size=batch, device=device, dtype="float32")
         try:
-            from lm_eval.models.huggingface import HFLM     # imports the accelerate package
+            from lm_eval.models.huggingface import HFLM  # imports the accelerate package
         except ImportError as e:
             raise SystemExit(f"--adapters hflm needs lm-eval's HFLM, which failed to import ({e}); "
                              "install it with: pip install -e '.[card]'") from e
@@ -148,7 +149,7 @@ def part_lmeval(model_dir: str, device: str, batch: int, limit: int | None, adap
         res = lm_eval.simple_evaluate(model=make(name), tasks=tasks, task_manager=task_manager(), limit=limit,
                                       log_samples=False)
         out[name] = {"results": res["results"], "seconds": time.time() - t}
-        write_atomic(out_path, json.dumps(out, indent=1) + "\n")
+        write_atomic(out_path, jsonout.dumps(out, indent=1) + "\n")
     return out
 
 
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                    "seconds": time.time() - t0, "torch": torch.__version__, "python": platform.python_version(),
                    "machine": platform.machine(), "threads": torch.get_num_threads(),
                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
-    write_atomic(args.out, json.dumps(res, indent=1) + "\n")
+    write_atomic(args.out, jsonout.dumps(res, indent=1) + "\n")
     print(json.dumps({k: v for k, v in res.items() if k != "expert_frequencies"}, indent=1)[:4000])
     return 0
 

@@ -1,16 +1,18 @@
 """Write ``training_log.json`` and ``loss.png`` (train / calib / held-out loss and the balancing loss)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from .. import jsonout
+from ..atomic import write_atomic
 
 
 def write_log(log: dict[str, Any], out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "training_log.json"
-    path.write_text(json.dumps(log, indent=1, default=str) + "\n")
+    write_atomic(path, jsonout.dumps(log, indent=1, default=str) + "\n")   # a diverged loss is NaN: null
     written = [path]
     written.append(plot_losses(log, out / "loss.png"))
     return written
