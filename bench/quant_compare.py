@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 import mxq
 from mxq.calib import build_calibration
 from mxq.evaluate.accuracy import heldout_accuracy
-from mxq.plan import Plan, export_checkpoint
+from mxq.io.targets import export_checkpoint
+from mxq.plan import Plan
 from mxq.quant import quantize_
 
 FORMATS = ["int4_g32", "int4_g128", "nf4", "mxfp4", "nvfp4"]
