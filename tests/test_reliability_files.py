@@ -252,7 +252,7 @@ def test_staged_dir_replace_swaps_whole_and_refuses_without_replace(tmp_path):
 
 
 def test_alive_rules(monkeypatch, tmp_path):
-    assert atomic._alive(os.getpid())
+    assert atomic.pid_alive(os.getpid())
     mine = tmp_path / f".x.partial-{os.getpid()}-00"
     mine.mkdir()
     assert stale_partials(tmp_path / "x") == []                           # never our own
@@ -261,7 +261,7 @@ def test_alive_rules(monkeypatch, tmp_path):
         raise PermissionError("another user's process")
 
     monkeypatch.setattr(os, "kill", denied)
-    assert atomic._alive(12345)                                           # exists, not ours: alive
+    assert atomic.pid_alive(12345)                                           # exists, not ours: alive
 
 
 def test_stale_partial_files_are_removed_and_named_with_their_pid(tmp_path, caplog):
