@@ -93,6 +93,14 @@ def _stats(ctx: RunContext) -> None:
     ctx.stats = collect_or_load(ctx.model, ctx.tokenizer, ctx.cfg.calib, ctx.run_dir, Path(ctx.cfg.cache_dir),
                                 ctx.cfg.batch_size, ctx.cfg.recipe.get("super_experts"))
     write_report(ctx.stats, ctx.run_dir)
+    from .plan.merge_recipe import needs_expert_outputs
+    from .plan.recipe import recipe_dict
+
+    if needs_expert_outputs(recipe_dict(ctx.cfg.recipe)):
+        from .stats.expert_outputs import collect_or_load_outputs
+
+        ctx.stats.expert_outputs = collect_or_load_outputs(ctx.model, ctx.tokenizer, ctx.cfg.calib,
+                                                           Path(ctx.cfg.cache_dir), ctx.cfg.batch_size)
 
 
 @stage("plan")

@@ -10,6 +10,8 @@ that every expert of the layer is a view of one buffer per tensor, as the fast r
 stacking moves no value, the exported bytes are the same). Attention projections and the lm_head in fp8
 are quantized and their dequantized values put back into the ``nn.Linear`` (the model computes with exactly
 the stored values); the packed weight is kept on the module as ``_mxq_packed`` for the exporters.
+A merge plan (``Plan.merge``) first gives each group's anchor the merge of its members
+(``mxq.plan.merge``), then prunes the other members like any pruned expert.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from torch import nn
 from ..formats import Packed, get_format
 from ..model.experts import PackedExperts
 from .convert import convert
+from .merge import merge_experts_
 from .plan import PRUNE, Plan, PlanError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -122,6 +125,8 @@ def apply_(model, plan: Plan) -> None:
         if not isinstance(layer.mlp.experts, PackedExperts):
             raise PlanError(f"layer {i}: plans apply to packed experts, not {type(layer.mlp.experts).__name__}")
     k = plan.num_kept
+    if plan.merge is not None:        # anchors take their group's merge before the other members go
+        merge_experts_(model, plan)
     for i, layer in enumerate(model.layers):
         _apply_layer(layer.mlp, plan.experts[i])
         for n in PROJECTIONS:

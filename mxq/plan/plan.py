@@ -11,7 +11,8 @@ JSON (``version`` 1)::
     {"version": 1, "planner": "prune", "num_layers": L, "num_experts": E, "num_kept": K,
      "attention": "bf16", "lm_head": "bf16",
      "experts": [["mxfp4", "prune", ...], ...],      # [L][E], source expert order
-     "recipe": {...}, "notes": ["..."], "info": {...}}
+     "recipe": {...}, "notes": ["..."], "info": {...},
+     "merge": {...}}                                  # only for merge plans (mxq.plan.merge)
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ class Plan:
     recipe: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    merge: dict[str, Any] | None = None      # groups whose anchor takes the merge of its members (merge.py)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -109,7 +111,8 @@ class Plan:
         return dict(sorted(out.items()))
 
     def applied(self) -> "Plan":
-        """The identity plan of the model after ``apply_``: kept experts only (renumbered), same formats."""
+        """The identity plan of the model after ``apply_``: kept experts only (renumbered), same formats
+        (a merge is done by then, so the applied plan has none)."""
         return Plan([self.kept_formats(i) for i in range(self.num_layers)], self.attention, self.lm_head,
                     self.planner, dict(self.recipe), list(self.notes), dict(self.info))
 
@@ -131,6 +134,10 @@ class Plan:
             if f not in DENSE_FORMATS:
                 raise PlanError(f"plan.{what} = {f!r}: allowed formats are {', '.join(DENSE_FORMATS)}")
         k = self.num_kept
+        if self.merge is not None:
+            from .merge import check_merge
+
+            check_merge(self.merge, self.experts)
         if config is None:
             return
         if self.num_layers != config.num_hidden_layers or self.num_experts != config.num_local_experts:
@@ -183,7 +190,7 @@ class Plan:
         return {"version": PLAN_VERSION, "planner": self.planner, "num_layers": self.num_layers,
                 "num_experts": self.num_experts, "num_kept": self.num_kept, "attention": self.attention,
                 "lm_head": self.lm_head, "experts": [list(r) for r in self.experts], "recipe": self.recipe,
-                "notes": list(self.notes), "info": self.info}
+                "notes": list(self.notes), "info": self.info, **({"merge": self.merge} if self.merge else {})}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, default=_jsonable) + "\n"
@@ -199,7 +206,7 @@ class Plan:
             raise PlanError(f"{where}: missing 'experts'")
         plan = cls([list(r) for r in d["experts"]], d.get("attention", "bf16"), d.get("lm_head", "bf16"),
                    d.get("planner", ""), dict(d.get("recipe") or {}), list(d.get("notes") or []),
-                   dict(d.get("info") or {}))
+                   dict(d.get("info") or {}), d.get("merge"))
         plan.check()
         for key in ("num_layers", "num_experts", "num_kept"):
             if key in d and d[key] != getattr(plan, key):

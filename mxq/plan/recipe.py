@@ -11,6 +11,7 @@ import copy
 from typing import Any
 
 from ..formats import FormatError, get_format, list_formats
+from .merge_recipe import MERGE_DEFAULTS, validate_merge
 from .plan import DENSE_FORMATS, PlanError, expert_shapes, format_nbytes
 
 STATS_CRITERIA = ("reap", "frequency", "gate_mass", "ean")      # scores of mxq.stats.RouterStats
@@ -26,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "quant": {"format": KEEP, "attention": "bf16", "lm_head": "bf16"},
     "mixed": {"menu": ["fp8", "mxfp4", "nvfp4", "int4_g128", "nf4_dq"], "budget_bits": None, "budget_bytes": None,
               "importance": "reap", "solver": "milp", "scope": "layer"},
+    "merge": MERGE_DEFAULTS,
     "export": {"enabled": False},
 }
 
@@ -154,6 +156,10 @@ def validate(recipe: Any, config) -> dict[str, Any]:
     elif r["prune"]["fraction"] not in (0, 0.0, None):
         _fail("prune.fraction", r["prune"]["fraction"], f"planner={name} does not prune; use planner=prune "
               "or prune_then_quant")
+    if "merge" in uses:
+        kept = validate_merge(r, config)
+    elif r["merge"]["fraction"] not in (0, 0.0, None):
+        _fail("merge.fraction", r["merge"]["fraction"], f"planner={name} does not merge; use planner=merge")
     q = r["quant"]
     for part in ("attention", "lm_head"):
         if q[part] not in DENSE_FORMATS:

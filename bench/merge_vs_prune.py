@@ -1,0 +1,135 @@
+"""Pruning vs merging on one model, one calibration set and one evaluation: a table for BENCHMARKS.md.
+
+    python bench/merge_vs_prune.py --work /tmp/mvp [--fractions 0.25,0.5] [--eval eval=quick ...]
+
+Runs ``python -m mxq.run`` once per method and fraction (each a fresh process, the same calibration set,
+router-statistics cache and evaluation preset), then ``python -m mxq.report`` over all of them (ablation.md
+with the per-task table) and writes ``merge_vs_prune.md``: one row per run with perplexity, KL and top-1
+agreement against the uncompressed model, and lm-eval accuracy per task and on average.
+
+Methods: prune by frequency and by REAP (Lasby et al., arXiv 2510.13999); merge with HC-SMoE grouping
+(Chen et al., arXiv 2410.08589), M-SMoE's dominant-expert grouping with frequency weights (Li et al.,
+arXiv 2310.01334) and REAM-style saliency grouping and weights; ``--ablations`` adds, at the largest
+fraction, HC-SMoE without neuron alignment, with the anchor's router row, and the router-logit and weight
+groupings (HC-SMoE's baselines).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+METHODS: dict[str, list[str]] = {
+    "prune_frequency": ["recipe=prune_50pct", "recipe.prune.criterion=frequency"],
+    "prune_reap": ["recipe=prune_50pct", "recipe.prune.criterion=reap"],
+    "merge_hc_smoe": ["recipe=merge_50pct"],
+    "merge_m_smoe": ["recipe=merge_50pct", "recipe.merge.grouping=dominant", "recipe.merge.weighting=frequency"],
+    "merge_ream": ["recipe=merge_50pct", "recipe.merge.grouping=saliency", "recipe.merge.weighting=saliency"],
+}
+# eval=quick with more items: the cloze (last word, greedy: generative) and next-unit (4-way multiple
+# choice) tasks, since the papers disagree by task type; 100 items per domain and task; stderr from lm-eval.
+COMMON = ["eval=quick", "generate.max_new_tokens=0", "eval.lm_eval.tasks=[tiny_cloze,tiny_nextsent]",
+          "eval.lm_eval.limit=100", "++eval.lm_eval.bootstrap_iters=100", "eval.perplexity.max_tokens=1024",
+          "eval.speed.enabled=false", "eval.memory.measure_peak=false", "eval.report.plots=false"]
+ABLATIONS: dict[str, list[str]] = {
+    "merge_hc_smoe_noalign": ["recipe=merge_50pct", "recipe.merge.align=false"],
+    "merge_hc_smoe_anchor_router": ["recipe=merge_50pct", "recipe.merge.router=anchor"],
+    "merge_router_logits": ["recipe=merge_50pct", "recipe.merge.grouping=router_logits"],
+    "merge_weights": ["recipe=merge_50pct", "recipe.merge.grouping=weights"],
+}
+
+
+def fraction_override(args: list[str], frac: float) -> list[str]:
+    part = "prune" if "prune" in args[0] else "merge"
+    return [*args, f"recipe.{part}.fraction={frac}"]
+
+
+def run_one(name: str, overrides: list[str], work: Path, common: list[str]) -> dict:
+    out = work / name
+    if (out / "metrics.json").is_file():
+        return {"name": name, "seconds": None, "cached": True}
+    cmd = [sys.executable, "-m", "mxq.run", *overrides, f"recipe.name={name}", f"hydra.run.dir={out}", *common]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    (work / f"{name}.log").write_text(r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise SystemExit(f"{name} failed (exit {r.returncode}); see {work / f'{name}.log'}")
+    return {"name": name, "seconds": round(time.perf_counter() - t0, 1), "cached": False}
+
+
+def get(d: dict, path: str):
+    for k in path.split("."):
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def table(work: Path, names: list[str]) -> str:
+    rows, tasks = [], []
+    for n in names:
+        m = json.loads((work / n / "metrics.json").read_text())
+        acc = {t: v.get("acc") for t, v in (get(m, "accuracy.lm_eval.tasks") or {}).items()}
+        tasks = tasks or sorted(acc)
+        rows.append((n, m, acc))
+    head = ["run", "experts/layer", "ppl (mean of domains)", "KL vs baseline (mean)", "top-1 agreement",
+            *[f"acc {t}" for t in tasks], "acc mean"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def f(x, nd=4):
+        return "-" if x is None else f"{x:.{nd}f}"
+
+    for n, m, acc in rows:
+        vals = [acc.get(t) for t in tasks]
+        mean = sum(vals) / len(vals) if vals and None not in vals else None
+        lines.append("| " + " | ".join([n, str(get(m, "model.num_local_experts")),
+                                         f(get(m, "accuracy.perplexity.mean"), 3),
+                                         f(get(m, "accuracy.kl_vs_baseline.mean")),
+                                         f(get(m, "accuracy.kl_vs_baseline.top1_agreement")),
+                                         *[f(v, 3) for v in vals], f(mean, 3)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--fractions", default="0.25,0.5")
+    ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--common", nargs="*", default=COMMON,
+                    help="Hydra overrides of every run (the same evaluation for all)")
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    fracs = [float(x) for x in a.fractions.split(",")]
+    plan: list[tuple[str, list[str]]] = [("baseline", ["recipe=baseline"])]
+    for fr in fracs:
+        pct = round(fr * 100)
+        plan += [(f"{k}_{pct}", fraction_override(v, fr)) for k, v in METHODS.items()]
+    if a.ablations:
+        pct = round(max(fracs) * 100)
+        plan += [(f"{k}_{pct}", fraction_override(v, max(fracs))) for k, v in ABLATIONS.items()]
+    t0 = time.time()
+    done = []
+    for name, ov in plan:
+        done.append(run_one(name, ov, a.work, a.common))
+        print(json.dumps(done[-1]), flush=True)
+    subprocess.run([sys.executable, "-m", "mxq.report", str(a.work)], cwd=ROOT, check=True, capture_output=True)
+    md = [f"# Pruning vs merging ({time.strftime('%Y-%m-%d', time.gmtime(t0))})\n",
+          f"Host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), torch threads as "
+          "set by the evaluation preset.\n",
+          f"Command: `python bench/merge_vs_prune.py --work {a.work} --fractions {a.fractions}"
+          f"{' --ablations' if a.ablations else ''} --common {' '.join(a.common)}`\n",
+          table(a.work, [n for n, _ in plan]), "\nPer-run wall seconds: "
+          + ", ".join(f"{d['name']} {d['seconds']}" for d in done) + "\n"]
+    (a.work / "merge_vs_prune.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
