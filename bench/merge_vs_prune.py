@@ -33,10 +33,11 @@ METHODS: dict[str, list[str]] = {
     "merge_m_smoe": ["recipe=merge_50pct", "recipe.merge.grouping=dominant", "recipe.merge.weighting=frequency"],
     "merge_ream": ["recipe=merge_50pct", "recipe.merge.grouping=saliency", "recipe.merge.weighting=saliency"],
 }
-# eval=quick with more items: the cloze (last word, greedy: generative) and next-unit (4-way multiple
-# choice) tasks, since the papers disagree by task type; 100 items per domain and task; stderr from lm-eval.
+# eval=quick with both kinds of task, since the papers disagree by task type: cloze (last word, greedy: a
+# generative check) and next-unit (4-way multiple choice), ``--limit`` items per domain and task (lm-eval's
+# stderr kept); perplexity and KL on 512 held-out tokens per domain. Sized for a shared 2-core CPU.
 COMMON = ["eval=quick", "generate.max_new_tokens=0", "eval.lm_eval.tasks=[tiny_cloze,tiny_nextsent]",
-          "eval.lm_eval.limit=100", "++eval.lm_eval.bootstrap_iters=100", "eval.perplexity.max_tokens=1024",
+          "++eval.lm_eval.bootstrap_iters=100", "eval.perplexity.max_tokens=512",
           "eval.speed.enabled=false", "eval.memory.measure_peak=false", "eval.report.plots=false"]
 ABLATIONS: dict[str, list[str]] = {
     "merge_hc_smoe_noalign": ["recipe=merge_50pct", "recipe.merge.align=false"],
@@ -72,28 +73,42 @@ def get(d: dict, path: str):
     return d
 
 
+def pooled_acc(m: dict, prefix: str) -> tuple[float, float, int] | None:
+    """Accuracy over every item of the tasks named ``prefix*`` (domains pooled), its 95% Wald half-width and
+    the item count: acc +- 1.96 sqrt(acc (1 - acc) / n)."""
+    tasks = get(m, "accuracy.lm_eval.tasks") or {}
+    ns = get(m, "accuracy.lm_eval.n_samples") or {}
+    hits = n = 0
+    for t, v in tasks.items():
+        if t.startswith(prefix) and v.get("acc") is not None and ns.get(t):
+            hits += v["acc"] * ns[t]
+            n += ns[t]
+    if not n:
+        return None
+    p = hits / n
+    return p, 1.96 * (p * (1 - p) / n) ** 0.5, n
+
+
+KINDS = (("cloze (generative)", "tiny_cloze_"), ("next-unit (4-way MC)", "tiny_nextsent_"))
+
+
 def table(work: Path, names: list[str]) -> str:
-    rows, tasks = [], []
-    for n in names:
-        m = json.loads((work / n / "metrics.json").read_text())
-        acc = {t: v.get("acc") for t, v in (get(m, "accuracy.lm_eval.tasks") or {}).items()}
-        tasks = tasks or sorted(acc)
-        rows.append((n, m, acc))
     head = ["run", "experts/layer", "ppl (mean of domains)", "KL vs baseline (mean)", "top-1 agreement",
-            *[f"acc {t}" for t in tasks], "acc mean"]
+            *[f"acc {k} +- 95%" for k, _ in KINDS]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def f(x, nd=4):
         return "-" if x is None else f"{x:.{nd}f}"
 
-    for n, m, acc in rows:
-        vals = [acc.get(t) for t in tasks]
-        mean = sum(vals) / len(vals) if vals and None not in vals else None
+    for n in names:
+        m = json.loads((work / n / "metrics.json").read_text())
+        accs = [pooled_acc(m, pre) for _, pre in KINDS]
         lines.append("| " + " | ".join([n, str(get(m, "model.num_local_experts")),
                                          f(get(m, "accuracy.perplexity.mean"), 3),
                                          f(get(m, "accuracy.kl_vs_baseline.mean")),
                                          f(get(m, "accuracy.kl_vs_baseline.top1_agreement")),
-                                         *[f(v, 3) for v in vals], f(mean, 3)]) + " |")
+                                         *["-" if a is None else f"{a[0]:.3f} +- {a[1]:.3f} (n={a[2]})"
+                                           for a in accs]]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,6 +117,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--fractions", default="0.25,0.5")
     ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--limit", type=int, default=20, help="lm-eval items per domain and task")
     ap.add_argument("--common", nargs="*", default=COMMON,
                     help="Hydra overrides of every run (the same evaluation for all)")
     a = ap.parse_args()
@@ -117,14 +133,14 @@ def main() -> None:
     t0 = time.time()
     done = []
     for name, ov in plan:
-        done.append(run_one(name, ov, a.work, a.common))
+        done.append(run_one(name, ov, a.work, [*a.common, f"eval.lm_eval.limit={a.limit}"]))
         print(json.dumps(done[-1]), flush=True)
     subprocess.run([sys.executable, "-m", "mxq.report", str(a.work)], cwd=ROOT, check=True, capture_output=True)
     md = [f"# Pruning vs merging ({time.strftime('%Y-%m-%d', time.gmtime(t0))})\n",
           f"Host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), torch threads as "
           "set by the evaluation preset.\n",
           f"Command: `python bench/merge_vs_prune.py --work {a.work} --fractions {a.fractions}"
-          f"{' --ablations' if a.ablations else ''} --common {' '.join(a.common)}`\n",
+          f"{' --ablations' if a.ablations else ''} --limit {a.limit}` (every run: {' '.join(a.common)})\n",
           table(a.work, [n for n, _ in plan]), "\nPer-run wall seconds: "
           + ", ".join(f"{d['name']} {d['seconds']}" for d in done) + "\n"]
     (a.work / "merge_vs_prune.md").write_text("\n".join(md))
