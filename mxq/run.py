@@ -1,7 +1,8 @@
 """``python -m mxq.run recipe=NAME [model.path=DIR] [eval=quick]``: the whole pipeline in one command.
 
 Stages run in order from a registry; each reads and extends one ``RunContext``:
-load -> validate -> stats -> plan (build, save, apply, export) -> generate -> evaluate -> outputs.
+load -> validate -> stats -> plan (build, save, apply, export) -> skip (dynamic expert skipping, off by
+default) -> generate -> evaluate -> outputs.
 Deciding (planners) is kept apart from doing (apply/export), and every stage writes self-describing
 files into the Hydra run folder (style.md rules 2 and 10).
 """
@@ -119,6 +120,28 @@ def _plan(ctx: RunContext) -> None:
     if ctx.cfg.recipe.get("export", {}).get("enabled"):
         export_model(ctx.model, ctx.plan, ctx.run_dir / "model", source_dir=ctx.model.source)
         ctx.timings["plan_export"] = round(time.perf_counter() - t2, 3)
+
+
+@stage("skip")
+def _skip(ctx: RunContext) -> None:
+    beta = ctx.cfg.get("skip", {}).get("beta")
+    if beta is None:
+        return
+    from .model.skipping import calibrate_beta, set_skipping
+
+    if beta == "calibrated":
+        if ctx.cfg.calib is None:
+            raise ValueError("skip.beta=calibrated needs a calibration set (calib=...)")
+        from .calib import build_calibration
+
+        info = calibrate_beta(ctx.model, build_calibration(ctx.cfg.calib, ctx.tokenizer), ctx.cfg.batch_size)
+    elif isinstance(beta, (int, float)) and not isinstance(beta, bool):
+        info = {"beta": [float(beta)] * ctx.model.config.num_hidden_layers}
+    else:
+        raise ValueError(f"skip.beta={beta!r}: use null (off), a number in [0, 1], or calibrated")
+    set_skipping(ctx.model, info["beta"])
+    ctx.metrics["skip"] = info
+    log.info("dynamic expert skipping (Lu et al. 2402.14800) on, beta per layer %s", info["beta"])
 
 
 @stage("generate")
