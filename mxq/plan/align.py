@@ -53,7 +53,7 @@ def align_perm(anchor: ExpertWeights, other: ExpertWeights) -> np.ndarray:
         raise ValueError(f"cannot align experts of different shapes {tuple(anchor.down.shape)} and "
                          f"{tuple(other.down.shape)}")
     fa, fo = neuron_features(anchor).double(), neuron_features(other).double()
-    sim = (fa @ fo.t()).numpy()                                                # [I, I]
+    sim = (fa @ fo.t()).cpu().numpy()                                          # [I, I]
     rows, cols = linear_sum_assignment(sim, maximize=True)
     perm = np.empty(len(rows), dtype=np.int64)
     perm[rows] = cols
@@ -63,7 +63,7 @@ def align_perm(anchor: ExpertWeights, other: ExpertWeights) -> np.ndarray:
 def permute(w: ExpertWeights, perm: np.ndarray | Tensor) -> ExpertWeights:
     """The same function with its intermediate neurons renumbered: new neuron n = old neuron perm[n]."""
     I, H = w.intermediate, w.gate_up.shape[1]
-    p = torch.as_tensor(np.asarray(perm), dtype=torch.long)
+    p = torch.as_tensor(np.asarray(perm), dtype=torch.long, device=w.down.device)
     if sorted(p.tolist()) != list(range(I)):
         raise ValueError(f"not a permutation of the {I} intermediate neurons")
     return ExpertWeights(

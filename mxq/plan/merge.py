@@ -78,10 +78,10 @@ def check_merge(spec: Any, experts: list[list[str]]) -> None:
 def read_expert(ex, e: int) -> ExpertWeights:
     """Expert ``e`` of a ``PackedExperts``, dequantized to float32."""
     gu, dn = (ex.packed(k, e) for k in ("gate_up", "down"))
-    return ExpertWeights(get_format(gu.format).dequantize(gu, torch.float32),           # [2I, H]
-                         ex.gate_up_bias[e].detach().float().cpu(),                      # [2I]
-                         get_format(dn.format).dequantize(dn, torch.float32),           # [H, I]
-                         ex.down_bias[e].detach().float().cpu())                         # [H]
+    w_gu = get_format(gu.format).dequantize(gu, torch.float32)                          # [2I, H]
+    return ExpertWeights(w_gu, ex.gate_up_bias[e].detach().float().to(w_gu.device),      # [2I]
+                         get_format(dn.format).dequantize(dn, torch.float32).to(w_gu.device),   # [H, I]
+                         ex.down_bias[e].detach().float().to(w_gu.device))               # [H]
 
 
 def normalised(w: list[float]) -> list[float]:
@@ -110,7 +110,7 @@ def merge_router(weight: torch.Tensor, bias: torch.Tensor, q: list[float], mode:
     """Router row [H] and bias [] of a merged group from its members' rows weight [G, H], bias [G]."""
     if mode == "anchor":
         return weight[0].clone(), bias[0].clone()
-    qn = torch.tensor(normalised(q), dtype=torch.float64)                              # [G]
+    qn = torch.tensor(normalised(q), dtype=torch.float64, device=weight.device)        # [G]
     w = (qn[:, None] * weight.double()).sum(0)
     b = (qn * bias.double()).sum()
     if mode == "lse":
