@@ -11,7 +11,10 @@ Methods: prune by frequency and by REAP (Lasby et al., arXiv 2510.13999); merge 
 (Chen et al., arXiv 2410.08589), M-SMoE's dominant-expert grouping with frequency weights (Li et al.,
 arXiv 2310.01334) and REAM-style saliency grouping and weights; ``--ablations`` adds, at the largest
 fraction, HC-SMoE without neuron alignment, with the anchor's router row, and the router-logit and weight
-groupings (HC-SMoE's baselines).
+groupings (HC-SMoE's baselines); ``--skipping`` adds dynamic expert skipping (Lu et al., arXiv 2402.14800)
+on the uncompressed model with the calibrated beta, and the same model without it, both with the speed
+section on (the reference path on a CPU, which is where skipping saves work).
+Runs whose folder already holds a metrics.json are reused, so a second call only adds what is new.
 """
 from __future__ import annotations
 
@@ -46,6 +49,11 @@ ABLATIONS: dict[str, list[str]] = {
     "merge_weights": ["recipe=merge_50pct", "recipe.merge.grouping=weights"],
 }
 
+SKIPPING: dict[str, list[str]] = {
+    "baseline_speed": ["recipe=baseline", "eval.speed.enabled=true"],
+    "skip_calibrated": ["recipe=baseline", "skip.beta=calibrated", "eval.speed.enabled=true"],
+}
+
 
 def fraction_override(args: list[str], frac: float) -> list[str]:
     part = "prune" if "prune" in args[0] else "merge"
@@ -56,7 +64,8 @@ def run_one(name: str, overrides: list[str], work: Path, common: list[str]) -> d
     out = work / name
     if (out / "metrics.json").is_file():
         return {"name": name, "seconds": None, "cached": True}
-    cmd = [sys.executable, "-m", "mxq.run", *overrides, f"recipe.name={name}", f"hydra.run.dir={out}", *common]
+    merged = {o.split("=", 1)[0].lstrip("+"): o for o in [*common, *overrides]}      # a run's own override wins
+    cmd = [sys.executable, "-m", "mxq.run", *merged.values(), f"recipe.name={name}", f"hydra.run.dir={out}"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     (work / f"{name}.log").write_text(r.stdout + r.stderr)
@@ -94,7 +103,7 @@ KINDS = (("cloze (generative)", "tiny_cloze_"), ("next-unit (4-way MC)", "tiny_n
 
 def table(work: Path, names: list[str]) -> str:
     head = ["run", "experts/layer", "ppl (mean of domains)", "KL vs baseline (mean)", "top-1 agreement",
-            *[f"acc {k} +- 95%" for k, _ in KINDS]]
+            *[f"acc {k} +- 95%" for k, _ in KINDS], "decode tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def f(x, nd=4):
@@ -108,7 +117,7 @@ def table(work: Path, names: list[str]) -> str:
                                          f(get(m, "accuracy.kl_vs_baseline.mean")),
                                          f(get(m, "accuracy.kl_vs_baseline.top1_agreement")),
                                          *["-" if a is None else f"{a[0]:.3f} +- {a[1]:.3f} (n={a[2]})"
-                                           for a in accs]]) + " |")
+                                           for a in accs], f(get(m, "speed.decode_tokens_per_s"), 1)]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -117,6 +126,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--fractions", default="0.25,0.5")
     ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--skipping", action="store_true")
     ap.add_argument("--limit", type=int, default=20, help="lm-eval items per domain and task")
     ap.add_argument("--common", nargs="*", default=COMMON,
                     help="Hydra overrides of every run (the same evaluation for all)")
@@ -130,6 +140,8 @@ def main() -> None:
     if a.ablations:
         pct = round(max(fracs) * 100)
         plan += [(f"{k}_{pct}", fraction_override(v, max(fracs))) for k, v in ABLATIONS.items()]
+    if a.skipping:
+        plan += list(SKIPPING.items())
     t0 = time.time()
     done = []
     for name, ov in plan:
@@ -140,7 +152,7 @@ def main() -> None:
           f"Host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), torch threads as "
           "set by the evaluation preset.\n",
           f"Command: `python bench/merge_vs_prune.py --work {a.work} --fractions {a.fractions}"
-          f"{' --ablations' if a.ablations else ''} --limit {a.limit}` (every run: {' '.join(a.common)})\n",
+          f"{' --ablations' if a.ablations else ''}{' --skipping' if a.skipping else ''} --limit {a.limit}` (every run: {' '.join(a.common)})\n",
           table(a.work, [n for n, _ in plan]), "\nPer-run wall seconds: "
           + ", ".join(f"{d['name']} {d['seconds']}" for d in done) + "\n"]
     (a.work / "merge_vs_prune.md").write_text("\n".join(md))

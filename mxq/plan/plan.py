@@ -239,7 +239,9 @@ class Plan:
         return {"planner": self.planner, "num_layers": self.num_layers, "num_experts": self.num_experts,
                 "num_kept": self.num_kept, "pruned": len(self.pruned()), "formats": self.formats_used(),
                 "attention": self.attention, "lm_head": self.lm_head, "bytes": self.info.get("bytes"),
-                "notes": len(self.notes)}
+                "notes": len(self.notes),
+                **({"merged_groups": sum(len(g["members"]) > 1 for layer in self.merge["groups"] for g in layer)}
+                   if self.merge else {})}
 
 
 def _jsonable(x: Any) -> Any:
