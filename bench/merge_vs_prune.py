@@ -10,8 +10,8 @@ agreement against the uncompressed model, and lm-eval accuracy per task and on a
 Methods: prune by frequency and by REAP (Lasby et al., arXiv 2510.13999); merge with HC-SMoE grouping
 (Chen et al., arXiv 2410.08589), M-SMoE's dominant-expert grouping with frequency weights (Li et al.,
 arXiv 2310.01334) and REAM-style saliency grouping and weights; ``--ablations`` adds, at the largest
-fraction, HC-SMoE without neuron alignment, with the anchor's router row, and the router-logit and weight
-groupings (HC-SMoE's baselines); ``--skipping`` adds dynamic expert skipping (Lu et al., arXiv 2402.14800)
+fraction, HC-SMoE without neuron alignment, REAP pruning and HC-SMoE merging each followed by router
+repair (``recipe.repair``), and the router-logit and weight groupings (HC-SMoE's baselines); ``--skipping`` adds dynamic expert skipping (Lu et al., arXiv 2402.14800)
 on the uncompressed model with the calibrated beta, and the same model without it, both with the speed
 section on (the reference path on a CPU, which is where skipping saves work).
 Runs whose folder already holds a metrics.json are reused, so a second call only adds what is new.
@@ -44,11 +44,11 @@ COMMON = ["eval=quick", "generate.max_new_tokens=0", "eval.lm_eval.tasks=[tiny_c
           "eval.speed.enabled=false", "eval.memory.measure_peak=false", "eval.report.plots=false"]
 ABLATIONS: dict[str, list[str]] = {
     "merge_hc_smoe_noalign": ["recipe=merge_50pct", "recipe.merge.align=false"],
-    "merge_hc_smoe_anchor_router": ["recipe=merge_50pct", "recipe.merge.router=anchor"],
+    "prune_reap_repair": ["recipe=prune_50pct", "recipe.prune.criterion=reap", "recipe.repair.enabled=true"],
+    "merge_hc_smoe_repair": ["recipe=merge_50pct", "recipe.repair.enabled=true"],
     "merge_router_logits": ["recipe=merge_50pct", "recipe.merge.grouping=router_logits"],
     "merge_weights": ["recipe=merge_50pct", "recipe.merge.grouping=weights"],
 }
-
 SKIPPING: dict[str, list[str]] = {
     "baseline_speed": ["recipe=baseline", "eval.speed.enabled=true"],
     "skip_calibrated": ["recipe=baseline", "skip.beta=calibrated", "eval.speed.enabled=true"],
@@ -127,6 +127,8 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.25,0.5")
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--skipping", action="store_true")
+    ap.add_argument("--only", default=None, help="comma-separated run names: run only these now (the table "
+                    "still lists every finished run of the plan)")
     ap.add_argument("--limit", type=int, default=20, help="lm-eval items per domain and task")
     ap.add_argument("--common", nargs="*", default=COMMON,
                     help="Hydra overrides of every run (the same evaluation for all)")
@@ -144,7 +146,10 @@ def main() -> None:
         plan += list(SKIPPING.items())
     t0 = time.time()
     done = []
+    only = set(a.only.split(",")) if a.only else None
     for name, ov in plan:
+        if only is not None and name not in only:
+            continue
         done.append(run_one(name, ov, a.work, [*a.common, f"eval.lm_eval.limit={a.limit}"]))
         print(json.dumps(done[-1]), flush=True)
     subprocess.run([sys.executable, "-m", "mxq.report", str(a.work)], cwd=ROOT, check=True, capture_output=True)
@@ -153,7 +158,8 @@ def main() -> None:
           "set by the evaluation preset.\n",
           f"Command: `python bench/merge_vs_prune.py --work {a.work} --fractions {a.fractions}"
           f"{' --ablations' if a.ablations else ''}{' --skipping' if a.skipping else ''} --limit {a.limit}` (every run: {' '.join(a.common)})\n",
-          table(a.work, [n for n, _ in plan]), "\nPer-run wall seconds: "
+          table(a.work, [n for n, _ in plan if (a.work / n / "metrics.json").is_file()]),
+          "\nPer-run wall seconds (this call): "
           + ", ".join(f"{d['name']} {d['seconds']}" for d in done) + "\n"]
     (a.work / "merge_vs_prune.md").write_text("\n".join(md))
     print("\n".join(md))

@@ -110,13 +110,34 @@ def _plan(ctx: RunContext) -> None:
         return
     from .plan import apply_, build_plan, export_model
 
+    from .plan.recipe import recipe_dict
+
+    rep = recipe_dict(ctx.cfg.recipe)["repair"]
     t0 = time.perf_counter()
     ctx.plan = build_plan(ctx.cfg.recipe, ctx.stats, ctx.model)
     ctx.plan.save(ctx.run_dir / "plan.json")
+    ios = None
+    if rep["enabled"]:                 # the original layers' inputs/outputs, before the plan changes them
+        from .calib import build_calibration
+        from .plan.router_repair import capture_layer_io
+
+        ios = capture_layer_io(ctx.model, build_calibration(ctx.cfg.calib, ctx.tokenizer), ctx.cfg.batch_size,
+                               rep["max_tokens"])
     t1 = time.perf_counter()
     apply_(ctx.model, ctx.plan)
     t2 = time.perf_counter()
     ctx.timings.update(plan_build=round(t1 - t0, 3), plan_apply=round(t2 - t1, 3))
+    if ios is not None:
+        from .plan.router_repair import repair_routers_
+
+        info = repair_routers_(ctx.model, ios, rep["steps"], rep["lr"], rep["holdout"], rep["validation"])
+        ctx.plan.info["router_repair"] = info
+        ctx.metrics["router_repair"] = info
+        ctx.plan.save(ctx.run_dir / "plan.json")
+        ctx.timings["router_repair"] = round(time.perf_counter() - t2, 3)
+        log.info("router repair: layer-output MSE on held-out calibration tokens %s -> %s",
+                 [round(d["heldout_mse_before"], 6) for d in info], [round(d["heldout_mse_after"], 6) for d in info])
+        t2 = time.perf_counter()
     if ctx.cfg.recipe.get("export", {}).get("enabled"):
         export_model(ctx.model, ctx.plan, ctx.run_dir / "model", source_dir=ctx.model.source)
         ctx.timings["plan_export"] = round(time.perf_counter() - t2, 3)

@@ -241,3 +241,34 @@ def test_merge_recipe_needs_stats_and_other_planners_refuse_merge_options(make_c
                                             "router": "anchor"}}, cfg)
     with pytest.raises(PlanError, match=r"recipe\.merge\.fraction.*does not merge"):
         validate({"planner": "prune", "stats": True, "prune": {"fraction": 0.25}, "merge": {"fraction": 0.25}}, cfg)
+
+
+def test_router_repair_never_raises_the_calibration_error_and_lowers_held_out_error(make_ckpt):
+    from mxq.plan.router_repair import capture_layer_io, repair_routers_
+
+    model = mxq.load_model(make_ckpt("mxfp4", num_local_experts=E), dtype=torch.float32)
+    ids = torch.randint(1, model.config.vocab_size, (16, 64), generator=torch.Generator().manual_seed(4))
+    ios = capture_layer_io(model, CalibSet(ids, torch.ones_like(ids), ["a"] * 16, "t"), 4, max_tokens=1000)
+    assert all(io.x.shape == (1000, 192) for io in ios)
+    L = model.config.num_hidden_layers
+    rng = np.random.default_rng(0)
+    rows = [["prune" if e in set(rng.choice(E, 6, replace=False)) else "mxfp4" for e in range(E)] for _ in range(L)]
+    apply_(model, Plan(rows, planner="prune"))
+    before = [l.mlp.router.weight.clone() for l in model.layers]
+    info = repair_routers_(model, ios, steps=100, lr=1e-3, holdout=0.2, validation=0.2)
+    for d in info:
+        assert (d["tokens"], d["validation_tokens"], d["heldout_tokens"]) == (640, 160, 200)
+        assert d["calib_mse_after"] <= d["calib_mse_before"]
+        assert d["validation_mse_after"] <= d["validation_mse_before"]
+    assert sum(d["heldout_mse_after"] for d in info) < sum(d["heldout_mse_before"] for d in info)
+    assert any(not torch.equal(b, l.mlp.router.weight) for b, l in zip(before, model.layers))
+    assert all(l.mlp.router.weight.dtype == torch.float32 and torch.equal(
+        l.mlp.router.weight, l.mlp.router.weight.bfloat16().float()) for l in model.layers)   # bf16 values
+
+
+def test_router_repair_options_are_validated(make_ckpt):
+    cfg = mxq.load_model(make_ckpt("mxfp4", num_local_experts=E)).config
+    with pytest.raises(PlanError, match=r"recipe\.repair\.steps"):
+        validate({"planner": "prune", "stats": True, "prune": {"fraction": 0.25}, "repair": {"steps": 0}}, cfg)
+    with pytest.raises(PlanError, match=r"recipe\.repair\.enabled.*set a planner"):
+        validate({"repair": {"enabled": True}}, cfg)

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..formats import FormatError, get_format, list_formats
 from .merge_recipe import MERGE_DEFAULTS, validate_merge
+from .router_repair import REPAIR_DEFAULTS, validate_repair
 from .plan import DENSE_FORMATS, PlanError, expert_shapes, format_nbytes
 
 STATS_CRITERIA = ("reap", "frequency", "gate_mass", "ean")      # scores of mxq.stats.RouterStats
@@ -28,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "mixed": {"menu": ["fp8", "mxfp4", "nvfp4", "int4_g128", "nf4_dq"], "budget_bits": None, "budget_bytes": None,
               "importance": "reap", "solver": "milp", "scope": "layer"},
     "merge": MERGE_DEFAULTS,
+    "repair": REPAIR_DEFAULTS,
     "export": {"enabled": False},
 }
 
@@ -144,6 +146,7 @@ def validate(recipe: Any, config) -> dict[str, Any]:
     from .planners import PLANNERS
 
     r = recipe_dict(recipe)
+    validate_repair(r)
     name = r.get("planner")
     if not name:
         return r
