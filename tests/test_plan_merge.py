@@ -272,3 +272,19 @@ def test_router_repair_options_are_validated(make_ckpt):
         validate({"planner": "prune", "stats": True, "prune": {"fraction": 0.25}, "repair": {"steps": 0}}, cfg)
     with pytest.raises(PlanError, match=r"recipe\.repair\.enabled.*set a planner"):
         validate({"repair": {"enabled": True}}, cfg)
+
+
+def test_weight_grouping_finds_a_planted_near_duplicate_in_a_checkpoint(make_ckpt):
+    from mxq.formats import get_format
+    from mxq.plan.merge_plan import weight_distances
+
+    model = mxq.load_model(make_ckpt("mxfp4", num_local_experts=E), dtype=torch.float32)
+    ex = model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(7)
+    for kind in ex.KINDS:                                  # expert 7 := expert 2 plus 1% noise, re-quantized
+        p = ex.packed(kind, 2)
+        w = get_format(p.format).dequantize(p, torch.float32)
+        ex.set_expert(kind, 7, get_format(p.format).quantize(w + 0.01 * w.std() * torch.randn(w.shape, generator=g)))
+    d = weight_distances(ex)
+    np.fill_diagonal(d, np.inf)
+    assert np.unravel_index(np.argmin(d), d.shape) in ((2, 7), (7, 2))
