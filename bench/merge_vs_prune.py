@@ -51,8 +51,7 @@ ABLATIONS: dict[str, list[str]] = {
 }
 SKIPPING: dict[str, list[str]] = {
     "baseline_speed": ["recipe=baseline", "eval.speed.enabled=true"],
-    "skip_calibrated": ["recipe=baseline", "skip.beta=calibrated", "eval.speed.enabled=true",
-                        "calib.num_sequences=16"],          # beta from 4,096 calibration tokens
+    "skip_calibrated": ["recipe=baseline", "skip.beta=calibrated", "eval.speed.enabled=true"],
 }
 
 
