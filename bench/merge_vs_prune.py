@@ -184,8 +184,8 @@ def main() -> None:
           f"Command: `python bench/merge_vs_prune.py --work {a.work} --fractions {a.fractions}"
           f"{' --ablations' if a.ablations else ''}{' --skipping' if a.skipping else ''} --limit {a.limit}` (every run: {' '.join(a.common)})\n",
           table(a.work, [n for n, _ in plan if (a.work / n / "metrics.json").is_file()]),
-          "\nPer-run wall seconds (this call): "
-          + ", ".join(f"{d['name']} {d['seconds']}" for d in done) + "\n"]
+          "\nPer-run wall seconds (runs made by this call; reused runs are in <work>/<run>.log): "
+          + (", ".join(f"{d['name']} {d['seconds']}" for d in done if not d["cached"]) or "none") + "\n"]
     (a.work / "merge_vs_prune.md").write_text("\n".join(md))
     print("\n".join(md))
 
