@@ -67,7 +67,7 @@ def run_one(name: str, overrides: list[str], work: Path, common: list[str]) -> d
     merged = {o.split("=", 1)[0].lstrip("+"): o for o in [*common, *overrides]}      # a run's own override wins
     cmd = [sys.executable, "-m", "mxq.run", *merged.values(), f"recipe.name={name}", f"hydra.run.dir={out}"]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     (work / f"{name}.log").write_text(r.stdout + r.stderr)
     if r.returncode != 0:
         raise SystemExit(f"{name} failed (exit {r.returncode}); see {work / f'{name}.log'}")
@@ -178,14 +178,15 @@ def main() -> None:
         done.append(run_one(name, ov, a.work, [*a.common, f"eval.lm_eval.limit={a.limit}"]))
         print(json.dumps(done[-1]), flush=True)
     subprocess.run([sys.executable, "-m", "mxq.report", str(a.work)], cwd=ROOT, check=True, capture_output=True)
+    flags = (" --ablations" if a.ablations else "") + (" --skipping" if a.skipping else "")
+    ran = ", ".join(f"{d['name']} {d['seconds']}" for d in done if not d["cached"]) or "none"
     md = [f"# Pruning vs merging ({time.strftime('%Y-%m-%d', time.gmtime(t0))})\n",
-          f"Host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), torch threads as "
-          "set by the evaluation preset.\n",
-          f"Command: `python bench/merge_vs_prune.py --work {a.work} --fractions {a.fractions}"
-          f"{' --ablations' if a.ablations else ''}{' --skipping' if a.skipping else ''} --limit {a.limit}` (every run: {' '.join(a.common)})\n",
+          (f"Host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), torch threads as "
+           "set by the evaluation preset.\n"),
+          (f"Command: `python bench/merge_vs_prune.py --work {a.work} --fractions {a.fractions}{flags} "
+           f"--limit {a.limit}` (every run: {' '.join(a.common)})\n"),
           table(a.work, [n for n, _ in plan if (a.work / n / "metrics.json").is_file()]),
-          "\nPer-run wall seconds (runs made by this call; reused runs are in <work>/<run>.log): "
-          + (", ".join(f"{d['name']} {d['seconds']}" for d in done if not d["cached"]) or "none") + "\n"]
+          f"\nPer-run wall seconds (runs made by this call; reused runs are in <work>/<run>.log): {ran}\n"]
     (a.work / "merge_vs_prune.md").write_text("\n".join(md))
     print("\n".join(md))
 

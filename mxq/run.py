@@ -109,7 +109,6 @@ def _plan(ctx: RunContext) -> None:
     if not ctx.cfg.recipe.get("planner"):
         return
     from .plan import apply_, build_plan, export_model
-
     from .plan.recipe import recipe_dict
 
     rep = recipe_dict(ctx.cfg.recipe)["repair"]

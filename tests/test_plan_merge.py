@@ -189,7 +189,7 @@ def test_merge_plan_groups_keep_supers_alone_and_note_uncalibrated(merged):
 def test_merged_export_loads_in_transformers_with_mxq_logits(merged):
     from test_export_hf import TOL, hf_logits
 
-    src, plan, model, out, _ = merged
+    src, _, model, out, _ = merged
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_local_experts"] == 9 and cfg["quantization_config"]["quant_method"] == "mxfp4"
     assert not (out / "mxq_manifest.json").exists()

@@ -21,7 +21,7 @@ Ties are broken by expert index, so a grouping is a deterministic function of it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy.cluster.hierarchy import cut_tree, linkage

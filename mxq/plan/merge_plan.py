@@ -15,7 +15,7 @@ nothing; noted); a group of such members only is averaged uniformly.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

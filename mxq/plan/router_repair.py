@@ -111,8 +111,8 @@ def repair_layer_(mlp, io: LayerIO, steps: int, lr: float, holdout: float, valid
     """Refit ``mlp.router`` in place (see the module docstring); returns the errors before and after."""
     dev = mlp.router.weight.device
     x, y = io.x.to(dev), io.y.to(dev)
-    n_hold = int(round(holdout * len(x)))
-    n_val = int(round(validation * (len(x) - n_hold)))
+    n_hold = round(holdout * len(x))
+    n_val = round(validation * (len(x) - n_hold))
     ex, k = mlp.experts, mlp.top_k
     with torch.no_grad():
         f = torch.stack([ex.expert_forward(e, x.to(ex.gate_up_bias.dtype)).float()
