@@ -20,8 +20,8 @@ Ties are broken by expert index, so a grouping is a deterministic function of it
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.cluster.hierarchy import cut_tree, linkage
