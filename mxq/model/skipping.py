@@ -1,4 +1,4 @@
-"""Dynamic expert skipping at inference (Lu et al., "Not All Experts are Equal", arXiv 2402.14800, sec. 4.2).
+"""Dynamic expert skipping at inference (Lu et al., "Not All Experts are Equal", arXiv 2402.14800, "dynamic skipping").
 
 A token skips its k-th routed expert (k >= 2) when that expert's gate weight is below ``beta`` times the
 token's top gate weight; the remaining weights are renormalised to sum to 1, as the paper's reference

@@ -3,7 +3,7 @@
 The intermediate neurons of a SwiGLU expert can be permuted without changing its function (permute the
 rows of gate_up and the columns of down alike), so two experts trained apart rarely number their neurons
 the same way, and averaging them unaligned mixes unrelated neurons (Li et al., M-SMoE, arXiv 2310.01334,
-sec. 3.2 "permutation alignment"). ``align_perm`` finds the permutation of an expert's neurons that best
+"permutation alignment" before merging). ``align_perm`` finds the permutation of an expert's neurons that best
 matches an anchor expert by weight matching: maximise the summed inner products of matched neurons'
 weights, a linear assignment problem solved exactly by ``scipy.optimize.linear_sum_assignment``
 (Ainsworth et al., Git Re-Basin, arXiv 2209.04836, sec. 3.2).

@@ -2,7 +2,7 @@
 
 A merge plan keeps one expert per group (its anchor, ``members[0]``) and prunes the others; before the
 pruning, ``merge_experts_`` overwrites the anchor with the group's merge (Li et al., M-SMoE, arXiv
-2310.01334, sec. 3.2): every parameter (gate_up, down and both biases) is the weighted average
+2310.01334, the merging step): every parameter (gate_up, down and both biases) is the weighted average
 ``sum_i a_i W_i`` with ``a`` the group's normalised ``weights``, after the members' neurons are permuted to
 match the anchor when ``align`` is on (``mxq.plan.align``). The merged weights are quantized once into the
 anchor's planned format, so an MXFP4 model stays MXFP4 and exports in the published HF layout.

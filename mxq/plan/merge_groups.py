@@ -5,12 +5,12 @@ its anchor first (the member that stays, holding the merge). Groupings (``recipe
 
 * ``hc_smoe``: hierarchical clustering, average linkage, of the experts' mean outputs over all
   calibration tokens, Euclidean distance, cut into ``n`` clusters (Chen et al., HC-SMoE, arXiv 2410.08589,
-  sec. 3.2; ``scipy.cluster.hierarchy``). The anchor is the most frequently routed member.
+  ``scipy.cluster.hierarchy``). The anchor is the most frequently routed member.
 * ``router_logits``: the same clustering of the experts' router-logit columns over the calibration
-  tokens (HC-SMoE's router-logit baseline, sec. 4).
+  tokens (HC-SMoE's router-logit baseline).
 * ``weights``: the same clustering of the experts' flattened weights (HC-SMoE's weight baseline; blind
   to the neuron permutation symmetry, as in the paper).
-* ``dominant``: MC-SMoE's grouping (Li et al., arXiv 2310.01334, sec. 3.1): the ``n`` most frequently
+* ``dominant``: MC-SMoE's grouping (Li et al., arXiv 2310.01334): the ``n`` most frequently
   routed experts are the anchors ("dominant experts") and every other expert joins the anchor whose
   router-logit column is most similar (cosine).
 * ``saliency``: REAM-style (router-weighted expert activation merging): the ``n`` experts of highest

@@ -6,7 +6,7 @@ into ``K - supers`` groups by ``recipe.merge.grouping`` (``merge_groups``); each
 (first member) and prunes the rest, and records the members' merge weights (``recipe.merge.weighting``)
 and router weights (their mean routing probabilities on calibration text, for ``merge.router``):
 
-* ``frequency``: tokens routed to each member (M-SMoE, Li et al., arXiv 2310.01334, sec. 3.2);
+* ``frequency``: tokens routed to each member (M-SMoE, Li et al., arXiv 2310.01334);
 * ``saliency``: each member's total REAP saliency, sum over routed tokens of g_e(x) ||f_e(x)||
   (REAM-style; Lasby et al., arXiv 2510.13999);
 * ``uniform``: plain average.

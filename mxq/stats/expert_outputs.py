@@ -1,6 +1,6 @@
 """Every expert's mean output and the router logits' Gram matrix on calibration tokens (expert merging).
 
-HC-SMoE (Chen et al., arXiv 2410.08589, sec. 3.2) represents each expert by its output averaged over the
+HC-SMoE (Chen et al., arXiv 2410.08589) represents each expert by its output averaged over the
 calibration tokens, *all* of them, not only those routed to it, so that the representation does not
 depend on routing; its router-logit baseline represents expert e by the column of router logits [T] over
 the same tokens. Both are collected here in one pass: each MoE layer's input is captured by a forward hook
