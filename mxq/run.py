@@ -1,7 +1,8 @@
 """``python -m mxq.run recipe=NAME [model.path=DIR] [eval=quick]``: the whole pipeline in one command.
 
 Stages run in order from a registry; each reads and extends one ``RunContext``:
-load -> validate -> stats -> plan (build, save, apply, export) -> reload -> generate -> evaluate -> outputs.
+load -> validate -> stats -> plan (build, save, apply, export) -> reload -> skip (dynamic expert skipping, off
+by default) -> generate -> evaluate -> outputs.
 Deciding (planners) is kept apart from doing (apply/export), and every stage writes self-describing
 files into the Hydra run folder, so reports are rebuilt from files, never from live objects.
 """
@@ -117,22 +118,50 @@ def _stats(ctx: RunContext) -> None:
                                 ctx.cfg.batch_size, ctx.cfg.recipe.get("super_experts"),
                                 progress=bool(ctx.cfg.get("verbose", False)))
     write_report(ctx.stats, ctx.run_dir)
+    from .plan.merge_recipe import needs_expert_outputs
+    from .plan.recipe import recipe_dict
+
+    if needs_expert_outputs(recipe_dict(ctx.cfg.recipe)):
+        from .stats.expert_outputs import collect_or_load_outputs
+
+        ctx.stats.expert_outputs = collect_or_load_outputs(ctx.model, ctx.tokenizer, ctx.cfg.calib,
+                                                           Path(ctx.cfg.cache_dir), ctx.cfg.batch_size)
 
 
 @stage("plan", when=lambda ctx: ctx.cfg.recipe.get("planner"))
 def _plan(ctx: RunContext) -> None:
     from .io.targets import export_model
     from .plan import build_plan
+    from .plan.recipe import recipe_dict
     from .quant import quantize_
 
+    rep = recipe_dict(ctx.cfg.recipe)["repair"]
     t0 = time.perf_counter()
     ctx.plan = build_plan(ctx.cfg.recipe, ctx.stats, ctx.model)
     ctx.plan.save(ctx.run_dir / "plan.json")
+    ios = None
+    if rep["enabled"]:                 # the original layers' inputs/outputs, before the plan changes them
+        from .calib import build_calibration
+        from .plan.router_repair import capture_layer_io
+
+        ios = capture_layer_io(ctx.model, build_calibration(ctx.cfg.calib, ctx.tokenizer), ctx.cfg.batch_size,
+                               rep["max_tokens"])
     t1 = time.perf_counter()
     quantize_(ctx.model, ctx.plan, ctx.cfg.recipe, tokenizer=ctx.tokenizer, calib_cfg=ctx.cfg.calib,
               run_dir=ctx.run_dir, batch_size=ctx.cfg.batch_size)          # rtn = apply_; gptq: calibration.json
     t2 = time.perf_counter()
     ctx.timings.update(plan_build=round(t1 - t0, 3), plan_apply=round(t2 - t1, 3))
+    if ios is not None:
+        from .plan.router_repair import repair_routers_
+
+        info = repair_routers_(ctx.model, ios, rep["steps"], rep["lr"], rep["holdout"], rep["validation"])
+        ctx.plan.info["router_repair"] = info
+        ctx.metrics["router_repair"] = info
+        ctx.plan.save(ctx.run_dir / "plan.json")
+        ctx.timings["router_repair"] = round(time.perf_counter() - t2, 3)
+        log.info("router repair: layer-output MSE on held-out calibration tokens %s -> %s",
+                 [round(d["heldout_mse_before"], 6) for d in info], [round(d["heldout_mse_after"], 6) for d in info])
+        t2 = time.perf_counter()
     if ctx.cfg.recipe.get("export", {}).get("enabled"):
         export_model(ctx.model, ctx.plan, ctx.run_dir / "model", source_dir=ctx.model.source)
         ctx.timings["plan_export"] = round(time.perf_counter() - t2, 3)
@@ -154,6 +183,26 @@ def _reload(ctx: RunContext) -> None:
 
     ctx.model = reload_exported(ctx.model, exported, ctx.device, ctx.dtype)
     ctx.metrics["evaluated"] = {"model": str(exported), "reloaded_from_disk": True}
+
+
+@stage("skip", when=lambda ctx: ctx.cfg.get("skip", {}).get("beta") is not None)
+def _skip(ctx: RunContext) -> None:
+    beta = ctx.cfg.skip.beta
+    from .model.skipping import calibrate_beta, set_skipping
+
+    if beta == "calibrated":
+        if ctx.cfg.calib is None:
+            raise ValueError("skip.beta=calibrated needs a calibration set (calib=...)")
+        from .calib import build_calibration
+
+        info = calibrate_beta(ctx.model, build_calibration(ctx.cfg.calib, ctx.tokenizer), ctx.cfg.batch_size)
+    elif isinstance(beta, (int, float)) and not isinstance(beta, bool):
+        info = {"beta": [float(beta)] * ctx.model.config.num_hidden_layers}
+    else:
+        raise ValueError(f"skip.beta={beta!r}: use null (off), a number in [0, 1], or calibrated")
+    set_skipping(ctx.model, info["beta"])
+    ctx.metrics["skip"] = info
+    log.info("dynamic expert skipping (Lu et al. 2402.14800) on, beta per layer %s", info["beta"])
 
 
 @stage("generate", when=lambda ctx: ctx.cfg.generate.max_new_tokens)

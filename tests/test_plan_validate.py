@@ -23,7 +23,7 @@ def odd():
 
 CASES = [
     ({"planner": "shrink"},
-     "recipe.planner='shrink': unknown planner; choose from mixed, prune, prune_then_quant, uniform"),
+     "recipe.planner='shrink': unknown planner; choose from merge, mixed, prune, prune_then_quant, uniform"),
     ({"planner": "prune", "stats": True, "prune": {"fraction": 1.0}},
      "recipe.prune.fraction=1.0: must be a number in [0, 1)"),
     ({"planner": "prune", "stats": True, "prune": {"fraction": -0.1}}, "recipe.prune.fraction=-0.1: must be a number"),

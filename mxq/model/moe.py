@@ -13,8 +13,12 @@ from torch import Tensor, nn
 from .experts import DenseExperts, PackedExperts
 
 
-def group_by_expert(idx: Tensor, w: Tensor, num_experts: int) -> Iterator[tuple[int, Tensor, Tensor]]:
+def group_by_expert(idx: Tensor, w: Tensor, num_experts: int, drop_zero: bool = False
+                    ) -> Iterator[tuple[int, Tensor, Tensor]]:
     """Yield (expert, token indices [n], routing weights [n]) for every expert that received a token.
+
+    ``drop_zero``: (token, slot) pairs of weight exactly 0 (skipped by ``mxq.model.skipping``) are sent to a
+    sentinel expert ``num_experts`` that is never run, so a skipped pair costs no expert work.
 
     idx [N, k] top-k expert ids, w [N, k] their weights. One stable sort of the N*k (token, slot) pairs
     by expert replaces E boolean scans; tokens stay in ascending order within an expert. The group
@@ -24,13 +28,15 @@ def group_by_expert(idx: Tensor, w: Tensor, num_experts: int) -> Iterator[tuple[
     """
     k = idx.shape[1]
     flat = idx.flatten()                                                         # [N*k]
+    if drop_zero:
+        flat = torch.where(w.flatten() > 0, flat, num_experts)
     order = flat.argsort(stable=True)                                            # [N*k]
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    counts = torch.zeros(num_experts + drop_zero, dtype=torch.long, device=flat.device)
     counts = counts.scatter_add_(0, flat, torch.ones_like(flat)).tolist()        # E ints (host sync)
     tok_of = order // k                                                          # [N*k] token of each pair
     w_of = w.flatten()[order]                                                    # [N*k]
     start = 0
-    for e, n in enumerate(counts):
+    for e, n in enumerate(counts[:num_experts]):
         if n:
             yield e, tok_of[start:start + n], w_of[start:start + n]
         start += n
@@ -45,12 +51,18 @@ class MoE(nn.Module):
         self.router = nn.Linear(hidden, num_experts, bias=True)
         self.experts = experts
         self.observer = None  # set by mxq.model.observe
+        self.skip_beta: float | None = None  # dynamic expert skipping (mxq.model.skipping); None = off
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [N, H] -> (logits [N, E] fp32, topk_idx [N, k], topk_w [N, k] fp32)."""
         logits = self.router(x).float()
         vals, idx = torch.topk(logits, self.top_k, dim=-1)
-        return logits, idx, torch.softmax(vals, dim=-1)
+        w = torch.softmax(vals, dim=-1)
+        if self.skip_beta is not None:
+            from .skipping import skip_weights
+
+            w = skip_weights(w, self.skip_beta)
+        return logits, idx, w
 
     def forward(self, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, T, H], valid [B, T] -> (out [B, T, H], router logits [N, E]).
@@ -68,7 +80,7 @@ class MoE(nn.Module):
         if obs is not None:
             obs.on_route(self.layer, logits, idx, w, valid.reshape(-1))
         out = torch.zeros_like(flat, dtype=torch.float32)                        # [N, H]
-        for e, tok, gw in group_by_expert(idx, w, self.experts.num_experts):
+        for e, tok, gw in group_by_expert(idx, w, self.experts.num_experts, self.skip_beta is not None):
             y = self.experts.expert_forward(e, flat[tok]).float()                # [n, H]
             if obs is not None:
                 obs.on_expert(self.layer, e, tok, gw, y)

@@ -11,6 +11,8 @@ that every expert of the layer is a view of one buffer per tensor, as the fast r
 stacking moves no value, the exported bytes are the same). Attention projections and the lm_head in fp8
 are quantized and their dequantized values put back into the ``nn.Linear`` (the model computes with exactly
 the stored values); the packed weight is kept on the module as ``_mxq_packed`` for the exporters.
+A merge plan (``Plan.merge``) first gives each group's anchor the merge of its members
+(``mxq.plan.merge``), then prunes the other members like any pruned expert.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from torch import nn
 from ..formats import Packed, get_format
 from ..formats.convert import convert
 from ..model.experts import PackedExperts
+from .merge import merge_experts_
 from .plan import PRUNE, Plan, PlanError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -133,6 +136,8 @@ def apply_(model, plan: Plan, layer_hook: Callable[[int, nn.Module], None] | Non
         if not isinstance(layer.mlp.experts, PackedExperts):
             raise PlanError(f"layer {i}: plans apply to packed experts, not {type(layer.mlp.experts).__name__}")
     k = plan.num_kept
+    if plan.merge is not None:        # anchors take their group's merge before the other members go
+        merge_experts_(model, plan)
     for i, layer in enumerate(model.layers):
         if layer_hook is not None:
             layer_hook(i, layer)

@@ -11,11 +11,13 @@ JSON (``version`` 1)::
     {"version": 1, "planner": "prune", "num_layers": L, "num_experts": E, "num_kept": K,
      "attention": "bf16", "lm_head": "bf16",
      "experts": [["mxfp4", "prune", ...], ...],      # [L][E], source expert order
-     "recipe": {...}, "notes": ["..."], "info": {...}}
+     "recipe": {...}, "notes": ["..."], "info": {...},
+     "merge": {...}}                                  # only for merge plans (mxq.plan.merge)
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,7 @@ class Plan:
     recipe: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    merge: dict[str, Any] | None = None      # groups whose anchor takes the merge of its members (merge.py)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -110,7 +113,8 @@ class Plan:
         return dict(sorted(out.items()))
 
     def applied(self) -> "Plan":
-        """The identity plan of the model after ``apply_``: kept experts only (renumbered), same formats."""
+        """The identity plan of the model after ``apply_``: kept experts only (renumbered), same formats
+        (a merge is done by then, so the applied plan has none)."""
         return Plan([self.kept_formats(i) for i in range(self.num_layers)], self.attention, self.lm_head,
                     self.planner, dict(self.recipe), list(self.notes), dict(self.info))
 
@@ -132,6 +136,8 @@ class Plan:
             if f not in DENSE_FORMATS:
                 raise PlanError(f"plan.{what} = {f!r}: allowed formats are {', '.join(DENSE_FORMATS)}")
         k = self.num_kept
+        if self.merge is not None:
+            check_merge(self.merge, self.experts)
         if config is None:
             return
         if self.num_layers != config.num_hidden_layers or self.num_experts != config.num_local_experts:
@@ -184,7 +190,7 @@ class Plan:
         return {"version": PLAN_VERSION, "planner": self.planner, "num_layers": self.num_layers,
                 "num_experts": self.num_experts, "num_kept": self.num_kept, "attention": self.attention,
                 "lm_head": self.lm_head, "experts": [list(r) for r in self.experts], "recipe": self.recipe,
-                "notes": list(self.notes), "info": self.info}
+                "notes": list(self.notes), "info": self.info, **({"merge": self.merge} if self.merge else {})}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, default=_jsonable) + "\n"
@@ -200,7 +206,7 @@ class Plan:
             raise PlanError(f"{where}: missing 'experts'")
         plan = cls([list(r) for r in d["experts"]], d.get("attention", "bf16"), d.get("lm_head", "bf16"),
                    d.get("planner", ""), dict(d.get("recipe") or {}), list(d.get("notes") or []),
-                   dict(d.get("info") or {}))
+                   dict(d.get("info") or {}), d.get("merge"))
         plan.check()
         for key in ("num_layers", "num_experts", "num_kept"):
             if key in d and d[key] != getattr(plan, key):
@@ -232,7 +238,9 @@ class Plan:
         return {"planner": self.planner, "num_layers": self.num_layers, "num_experts": self.num_experts,
                 "num_kept": self.num_kept, "pruned": len(self.pruned()), "formats": self.formats_used(),
                 "attention": self.attention, "lm_head": self.lm_head, "bytes": self.info.get("bytes"),
-                "notes": len(self.notes)}
+                "notes": len(self.notes),
+                **({"merged_groups": sum(len(g["members"]) > 1 for layer in self.merge["groups"] for g in layer)}
+                   if self.merge else {})}
 
 
 def _jsonable(x: Any) -> Any:
@@ -242,3 +250,39 @@ def _jsonable(x: Any) -> Any:
     if hasattr(x, "item"):
         return x.item()
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+ROUTER_MODES = ("lse", "mean", "anchor")     # how a merged group's router row is formed (mxq.plan.merge)
+
+
+def check_merge(spec: Any, experts: list[list[str]]) -> None:
+    """A plan's ``merge`` against its experts table: every expert in exactly one group per layer, the
+    anchors (``members[0]``) exactly the kept experts, weights finite, non-negative and one per member."""
+    if not isinstance(spec, dict):
+        raise PlanError("plan.merge must be an object with keys align, router, groups")
+    if spec.get("router") not in ROUTER_MODES:
+        raise PlanError(f"plan.merge.router = {spec.get('router')!r}: choose from {', '.join(ROUTER_MODES)}")
+    if not isinstance(spec.get("align"), bool):
+        raise PlanError(f"plan.merge.align = {spec.get('align')!r}: must be true or false")
+    groups = spec.get("groups")
+    if not isinstance(groups, list) or len(groups) != len(experts):
+        raise PlanError(f"plan.merge.groups must hold one list of groups per layer ({len(experts)})")
+    for i, (layer, row) in enumerate(zip(groups, experts)):
+        seen: list[int] = []
+        for j, g in enumerate(layer):
+            where = f"plan.merge.groups[{i}][{j}]"
+            m = g.get("members") if isinstance(g, dict) else None
+            if not isinstance(m, list) or not m or not all(isinstance(e, int) and 0 <= e < len(row) for e in m):
+                raise PlanError(f"{where}.members must be a non-empty list of expert indices < {len(row)}")
+            for key in ("weights", "router_weights"):
+                w = g.get(key)
+                if (not isinstance(w, list) or len(w) != len(m)
+                        or not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in w)):
+                    raise PlanError(f"{where}.{key} must be {len(m)} finite non-negative numbers")
+            if row[m[0]] == PRUNE or any(row[e] != PRUNE for e in m[1:]):
+                raise PlanError(f"{where}: the anchor (members[0]={m[0]}) must be kept and the other members "
+                                f"{m[1:]} pruned in plan.experts[{i}]")
+            seen += m
+        if sorted(seen) != list(range(len(row))):
+            raise PlanError(f"plan.merge.groups[{i}]: every expert of the layer must be in exactly one group "
+                            f"(got {sorted(seen)})")

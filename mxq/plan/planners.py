@@ -11,6 +11,7 @@ so that ``mxq.plan.validate`` checks exactly those (and rejects options a planne
   relative quantization error (Mixture Compressor, Huang et al., arXiv 2410.06270), solved exactly by
   MILP or greedily (``mixed.solver``).
 * ``prune_then_quant``: ``prune``, then ``quant.format`` (a format, or ``mixed``) on the kept experts.
+* ``merge``: merge ``floor(merge.fraction * E)`` experts per layer into others (``mxq.plan.merge_plan``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ..formats import get_format
 from ..formats.convert import relative_errors
 from .allocate import SOLVERS
 from .apply import source_formats
+from .merge_plan import plan_merge as _plan_merge
 from .plan import PRUNE, Plan, PlanError, expert_shapes
 from .recipe import KEEP, MIXED, pruned_count
 from .scores import choose_pruned, importance_table
@@ -148,3 +150,8 @@ def plan_prune_then_quant(recipe: dict, stats, model) -> Plan:
     plan = _new_plan(recipe, _uniform_rows(model, fmt, pruned))
     plan.notes, plan.info = base.notes, base.info
     return plan
+
+
+@register_planner("merge", uses=("merge",))
+def plan_merge(recipe: dict, stats, model) -> Plan:
+    return _plan_merge(recipe, stats, model, _new_plan)

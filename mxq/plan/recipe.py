@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from .merge_recipe import MERGE_DEFAULTS
+from .router_repair import REPAIR_DEFAULTS
 
 STATS_CRITERIA = ("reap", "frequency", "gate_mass", "ean")      # scores of mxq.stats.RouterStats
 CRITERIA = STATS_CRITERIA + ("random",)
@@ -22,6 +24,8 @@ DEFAULTS: dict[str, Any] = {
     "quant": {"format": KEEP, "attention": "bf16", "lm_head": "bf16", "method": "rtn", "gptq": {}},
     "mixed": {"menu": ["fp8", "mxfp4", "nvfp4", "int4_g128", "nf4_dq"], "budget_bits": None, "budget_bytes": None,
               "importance": "reap", "solver": "milp", "scope": "layer"},
+    "merge": MERGE_DEFAULTS,
+    "repair": REPAIR_DEFAULTS,
     "export": {"enabled": False, "formats": [], "gguf_type": None},
 }
 

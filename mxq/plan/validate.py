@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..formats import FormatError, get_format, list_formats
+from .merge_recipe import validate_merge
 from .plan import DENSE_FORMATS, PlanError, expert_shapes, format_nbytes
 from .planners import PLANNERS
 from .recipe import CRITERIA, IMPORTANCE, KEEP, MIXED, SCOPES, SOLVERS, STATS_CRITERIA, pruned_count, recipe_dict
+from .router_repair import validate_repair
 
 
 def _fail(option: str, value: Any, why: str) -> None:
@@ -122,6 +124,7 @@ def validate(recipe: Any, config) -> dict[str, Any]:
     Raises ``PlanError`` with a message naming the option. A recipe without a planner is always valid.
     """
     r = recipe_dict(recipe)
+    validate_repair(r)
     name = r.get("planner")
     if not name:
         return r
@@ -134,6 +137,10 @@ def validate(recipe: Any, config) -> dict[str, Any]:
     elif r["prune"]["fraction"] not in (0, 0.0, None):
         _fail("prune.fraction", r["prune"]["fraction"], f"planner={name} does not prune; use planner=prune "
               "or prune_then_quant")
+    if "merge" in uses:
+        kept = validate_merge(r, config)
+    elif r["merge"]["fraction"] not in (0, 0.0, None):
+        _fail("merge.fraction", r["merge"]["fraction"], f"planner={name} does not merge; use planner=merge")
     q = r["quant"]
     for part in ("attention", "lm_head"):
         if q[part] not in DENSE_FORMATS:

@@ -197,6 +197,8 @@ class Runtime:
             raise UnsupportedModel(f"fast path runs bf16 activations; model dtype is {model.dtype}")
         if not (model.device.type == "cuda" or INTERPRET):
             raise UnsupportedModel("fast path needs the model on a CUDA device")
+        if any(getattr(lyr.mlp, "skip_beta", None) is not None for lyr in model.layers):
+            raise UnsupportedModel("dynamic expert skipping (mxq.model.skipping) runs on the reference path only")
         self.model, self.cfg = model, cfg
         self.use_graph = (model.device.type == "cuda") if use_graph is None else use_graph
         self.eps = cfg.rms_norm_eps

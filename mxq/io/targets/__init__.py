@@ -100,6 +100,9 @@ def _write_hf_layout(src, plan: Plan, out_dir: str | Path, overwrite: bool, shar
 def export_checkpoint(source: str | Path, plan: Plan, out_dir: str | Path, overwrite: bool = False,
                       shard_bytes: int | None = None) -> Path:
     """Apply ``plan`` to the checkpoint folder ``source`` and write the result, without loading a model."""
+    if getattr(plan, "merge", None) is not None:
+        raise ExportError("export_checkpoint: a merge plan combines the members' weights, which this streaming "
+                          "path does not do; load the model, mxq.plan.apply_(model, plan), then export_model")
     src = open_source(source)
     plan.check(src.config)
     lay = choose_layout(plan)
