@@ -191,6 +191,10 @@ def _outputs(ctx: RunContext) -> None:
     from .evaluate import write_run_outputs
 
     write_run_outputs(ctx.run_dir, ctx.metrics)
+    if _exports(ctx):       # the card describes the export with the numbers just written (mxq.publish.card)
+        from .publish.card import write_card
+
+        write_card(ctx.run_dir)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> RunContext:
