@@ -220,6 +220,9 @@ def run(cfg: DictConfig, run_dir: Path) -> RunContext:
             logging.getLogger().removeHandler(handler)
             handler.close()
     rundir.complete(run_dir)
+    from .publish.tracking import hydra_sweep_dir, track
+
+    track(cfg, run_dir, hydra_sweep_dir())      # tracking=mlflow: the finished folder's files (mxq.publish.tracking)
     return ctx
 
 

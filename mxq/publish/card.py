@@ -83,13 +83,13 @@ def source_license(src_path: str | None) -> str | None:
     if not src_path:
         return None
     readme = Path(src_path) / "README.md"
-    if not readme.is_file():
-        return None
+    if not readme.is_file() or not readme.read_text(errors="replace").startswith("---"):
+        return None          # no front matter, no license (and no warning from huggingface_hub about it)
     from huggingface_hub import ModelCard
 
     try:
         return ModelCard.load(readme).data.to_dict().get("license")
-    except Exception:       # a README without (or with broken) front matter carries no license
+    except (ValueError, yaml.YAMLError):     # broken front matter carries no license
         return None
 
 
@@ -200,8 +200,8 @@ def load_commands(layout: str, model_dir: Path, run_dir: Path) -> str:
         out += ["transformers (MXFP4 kernels on a supported GPU; on other devices dequantized to bf16):", "```python",
                 "from transformers import AutoModelForCausalLM, AutoTokenizer, Mxfp4Config",
                 f"tok = AutoTokenizer.from_pretrained(\"{p}\")",
-                f"model = AutoModelForCausalLM.from_pretrained(\"{p}\", "
-                "quantization_config=Mxfp4Config(dequantize=True), torch_dtype=\"bfloat16\")", "```",
+                (f"model = AutoModelForCausalLM.from_pretrained(\"{p}\", "
+                "quantization_config=Mxfp4Config(dequantize=True), torch_dtype=\"bfloat16\")"), "```",
                 "vLLM:", "```bash", f"vllm serve {p}", "```"]
     elif layout == "hf-bf16":
         out += ["transformers:", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -209,9 +209,9 @@ def load_commands(layout: str, model_dir: Path, run_dir: Path) -> str:
                 f"model = AutoModelForCausalLM.from_pretrained(\"{p}\", torch_dtype=\"bfloat16\")", "```",
                 "vLLM:", "```bash", f"vllm serve {p}", "```"]
     else:
-        out += ["This folder is in mxq's own layout (per-expert formats that transformers, vLLM and llama.cpp do not "
+        out += [("This folder is in mxq's own layout (per-expert formats that transformers, vLLM and llama.cpp do not "
                 "read); `config.json` is a guard that makes transformers refuse it instead of loading random "
-                "experts. Load it with mxq, or convert it:", "```python", "import mxq",
+                "experts. Load it with mxq, or convert it:"), "```python", "import mxq",
                 f"model = mxq.load_model(\"{p}\")", "tok = mxq.load_tokenizer(model.source)", "```",
                 "A standard bf16 checkpoint for transformers and vLLM (every expert rounded to bf16 once):",
                 "```bash", f"python -m mxq.dequantize {p} {p}-bf16", "```"]

@@ -13,8 +13,8 @@ import html
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..atomic import write_atomic
 
@@ -23,13 +23,13 @@ CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
 color:#1b1b1b;line-height:1.45}
 h1{border-bottom:2px solid #333;padding-bottom:.2em}h2{border-bottom:1px solid #ccc;margin-top:1.6em}
-table{border-collapse:collapse;margin:.8em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em;display:block;overflow-x:auto;max-width:100%}th,td{border:1px solid #ccc;padding:.25em .6em}
 th{background:#f0f0f0}tbody tr:nth-child(even){background:#fafafa}td{font-variant-numeric:tabular-nums}
 img{max-width:100%;height:auto}pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.85em}
 code{background:#f3f3f3;padding:0 .2em}nav{background:#eef3f8;padding:.5em .8em;border-radius:4px}
 nav a{margin-right:1em}blockquote{border-left:4px solid #999;margin-left:0;padding-left:1em;color:#444}
 .plots{display:flex;flex-wrap:wrap;gap:1em}.plots figure{margin:0;flex:1 1 45%}
-@media print{nav{display:none}body{max-width:none;margin:0}details{display:block}details>*{display:block}
+@media print{nav{display:none}body{max-width:none;margin:0}table{font-size:.7em;overflow:visible}details{display:block}details>*{display:block}
 h2{page-break-after:avoid}table,img{page-break-inside:avoid}}
 """
 _IMG = re.compile(r'<img src="([^"]+)" alt="([^"]*)" ?/?>')
@@ -58,7 +58,7 @@ def _inline_images(fragment: str, base: Path, used: set[str]) -> str:
 
 
 def _strip_front_matter(text: str) -> str:
-    return re.sub(r"\A---\n.*?\n---\n", "", text, count=1, flags=re.S)
+    return re.sub(r"\A---\n.*?\n---\n", "", text, count=1, flags=re.DOTALL)
 
 
 def _page(title: str, nav: list[tuple[str, str]], body: list[str]) -> str:
