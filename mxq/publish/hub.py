@@ -29,7 +29,7 @@ def _check_shards(model_dir: Path) -> str:
 
         try:
             verify(model_dir)
-        except Exception as e:   # noqa: BLE001 (any failure of the hash check refuses the folder, named)
+        except Exception as e:   # any failure of the hash check refuses the folder, named
             raise PublishError(f"{model_dir}: shard check failed: {e}") from e
         return "every shard's SHA-256 matches mxq_manifest.json"
     from safetensors import safe_open

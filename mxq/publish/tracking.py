@@ -107,6 +107,8 @@ def log_mlflow(run_dir: Path, opts: dict, sweep_dir: Path | None) -> str:
             rel = p.relative_to(run_dir).parent
             client.log_artifact(rid, str(p), None if str(rel) == "." else str(rel))
     client.set_terminated(rid)
+    if "mlflow.parentRunId" in tags:      # the sweep's run ends (again) with each job, so it never stays RUNNING
+        client.set_terminated(tags["mlflow.parentRunId"])
     return rid
 
 
