@@ -75,3 +75,53 @@ def test_unknown_backend(tmp_path):
     with pytest.raises(ValueError, match="tracking.backend='nope'"):
         track({"tracking": {"backend": "nope"}}, tmp_path)
     assert track({"tracking": {"backend": "none"}}, tmp_path) is None
+
+
+def _wandb_records(path: Path):
+    """Records of a W&B transaction log (``run-*.wandb``): a 7-byte header (``:W&B``, magic, version), then
+    LevelDB-log framing in 32 KiB blocks (crc32 4, length 2 little-endian, type 1: full/first/middle/last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block, pos, buf = path.read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:                    # block trailer too short for a header: padding
+            pos += block - pos % block
+            continue
+        n, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        payload, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind == 0 and n == 0:
+            continue
+        buf = payload if kind in (1, 2) else buf + payload
+        if kind in (1, 4):
+            r = pb.Record()
+            r.ParseFromString(buf)
+            yield r
+
+
+def test_wandb_offline_run_directory(make_ckpt, tmp_path):
+    pytest.importorskip("wandb")
+    ckpt = make_ckpt("mxfp4", layers=2)
+    cfg = compose_cfg("recipe=prune_25pct", *FAST, f"model.path={ckpt}", f"cache_dir={tmp_path / 'cache'}",
+                      "tracking=wandb", f"tracking.dir={tmp_path}")
+    out = tmp_path / "sweep" / "0_prune_25pct"
+    run(cfg, out)                                     # logs once, as a single run
+    rid = track(cfg, out, sweep_dir=tmp_path / "sweep")   # and once as a sweep job
+    logs = {p.parent.name: p for p in (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")}
+    assert len(logs) == 2
+    log = next(p for name, p in logs.items() if name.endswith(rid))
+    recs = list(_wandb_records(log))
+    kinds = {r.WhichOneof("record_type") for r in recs}
+    assert {"run", "history", "summary", "artifact"} <= kinds
+    runrec = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
+    assert runrec.run_group == "sweep" and runrec.display_name == "0_prune_25pct"
+    conf = {i.key: json.loads(i.value_json) for i in runrec.config.update}       # the resolved config, nested
+    assert conf["recipe"]["name"] == "prune_25pct" and conf["model"]["path"] == str(ckpt)
+    assert conf["tracking"]["backend"] == "wandb"
+    hist = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for r in recs
+            if r.WhichOneof("record_type") == "history" for i in r.history.item}
+    want = run_metrics(out)
+    assert want and {k: hist[k] for k in want} == pytest.approx(want)
+    art = next(r.artifact for r in recs if r.WhichOneof("record_type") == "artifact")
+    paths = {c.path for c in art.manifest.contents}
+    assert art.type == "mxq-run" and {"plan.json", "metrics.json", "model/README.md"} <= paths

@@ -1,4 +1,4 @@
-"""Experiment tracking of a finished run (``tracking=mlflow``): the run folder's files sent to a tracker.
+"""Experiment tracking of a finished run (``tracking=mlflow``, ``tracking=wandb``): the run folder's files sent on.
 
 What is logged is read from the run folder, so it is exactly what the folder holds:
 
@@ -10,7 +10,7 @@ What is logged is read from the run folder, so it is exactly what the folder hol
 
 A Hydra multirun is one parent run named after the sweep folder with one child run per job (MLflow's
 ``mlflow.parentRunId`` tag, as ``mlflow.start_run(nested=True)`` sets it); jobs find their parent by the tag
-``mxq.sweep_dir``. Backends are a registry (``TRACKERS``); ``tracking=none`` logs nothing.
+``mxq.sweep_dir``; W&B groups a sweep's jobs by the sweep folder's name. Backends are a registry (``TRACKERS``); ``tracking=none`` logs nothing.
 """
 from __future__ import annotations
 
@@ -112,7 +112,40 @@ def log_mlflow(run_dir: Path, opts: dict, sweep_dir: Path | None) -> str:
     return rid
 
 
-TRACKERS: dict[str, Callable[[Path, dict, Path | None], str]] = {"mlflow": log_mlflow}
+def log_wandb(run_dir: Path, opts: dict, sweep_dir: Path | None) -> str:
+    """Log ``run_dir`` to Weights & Biases (offline unless ``tracking.mode=online``); returns the W&B run id.
+
+    The resolved config is the run's config (nested, as W&B shows it), the metrics one ``log`` step plus the
+    summary, the files one artifact of type ``mxq-run``; a sweep's jobs share the W&B ``group`` named after the
+    sweep folder (W&B's grouping of runs).
+    """
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError("tracking=wandb needs wandb: pip install 'mxq[wandb]'") from e
+    cfg = yaml.safe_load((run_dir / "resolved_config.yaml").read_text()) or {}
+    metrics = run_metrics(run_dir)
+    run = wandb.init(project=str(opts.get("project") or "mxq"), entity=opts.get("entity"),
+                     dir=str(Path(opts.get("dir") or ".").resolve()), mode=str(opts.get("mode") or "offline"),
+                     name=str(opts.get("run_name") or run_dir.name), config=cfg,
+                     group=Path(sweep_dir).resolve().name if sweep_dir is not None else None,
+                     tags=["mxq"], notes=str(run_dir.resolve()), reinit="create_new",
+                     settings=wandb.Settings(silent=True, console="off", save_code=False))
+    try:
+        run.log(metrics, step=0)
+        run.summary.update(metrics)
+        if opts.get("artifacts", True):
+            name = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"mxq-{run_dir.name}")
+            art = wandb.Artifact(name, type="mxq-run", description=f"mxq run folder {run_dir.resolve()}")
+            for p in run_artifacts(run_dir):
+                art.add_file(str(p), name=p.relative_to(run_dir).as_posix())
+            run.log_artifact(art)
+    finally:
+        run.finish()
+    return run.id
+
+
+TRACKERS: dict[str, Callable[[Path, dict, Path | None], str]] = {"mlflow": log_mlflow, "wandb": log_wandb}
 
 
 def track(cfg: Any, run_dir: str | Path, sweep_dir: str | Path | None = None) -> str | None:
