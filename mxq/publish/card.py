@@ -157,7 +157,7 @@ METRICS: tuple[tuple[str, str, str | None], ...] = (
     ("KL p99, nats", "accuracy.kl_vs_baseline.p99", None),
     ("top-1 agreement with the baseline", "accuracy.kl_vs_baseline.top1_agreement",
      "accuracy.kl_vs_baseline.top1_agreement_ci"),
-    ("weight bytes in memory", "memory.weight_bytes", None),
+    ("weight bytes as held in memory (at the dtype above)", "memory.weight_bytes", None),
     ("bits per expert weight", "memory.bits_per_expert_weight", None),
     ("decode tokens/s", "speed.decode_tokens_per_s", None),
     ("time to first token, s", "speed.ttft_s", None),
@@ -323,14 +323,24 @@ def _body(run_dir: Path, model_dir: Path, plan: dict, metrics: dict, src: dict, 
     checked = ["`mxq.load_model` read every shard header and accounted for every tensor when the run reloaded "
                "the folder" if ev.get("reloaded_from_disk") else "not reloaded by the run"]
     if layout == "mxq":
-        checked.append("`mxq.io.mxq_layout.verify` checks the SHA-256 of every shard against `mxq_manifest.json`")
+        checked.append("`mxq_manifest.json` records every shard's SHA-256; `mxq publish` (`mxq.io.mxq_layout.verify`) "
+                       "checks them before an upload")
     parts += ["## How the files were checked", "", *[f"- {c}" for c in checked],
               "- engines other than mxq were not run on this folder by the run", "",
               "## Load", "", load_commands(layout, model_dir, run_dir), "",
-              "## Reproduce", "", "```bash", f"python -m mxq.run recipe={recipe}"
-              + (f" model.path={src['path']}" if src["path"] and src["kind"] != "embedded" else ""), "```", "",
+              "## Reproduce", "", "```bash", "python -m mxq.run " + " ".join(_overrides(run_dir, recipe, src)), "```", "",
               "The full configuration is `resolved_config.yaml` in the run folder; the plan is `plan.json`."]
     return "\n".join(parts)
+
+
+def _overrides(run_dir: Path, recipe: str | None, src: dict) -> list[str]:
+    """The command-line overrides of the run (Hydra's ``.hydra/overrides.yaml``), else recipe and model path."""
+    f = run_dir / ".hydra" / "overrides.yaml"
+    if f.is_file():
+        over = [o for o in (yaml.safe_load(f.read_text()) or []) if not str(o).startswith("hydra.")]
+        if over:
+            return [str(o) for o in over]
+    return [f"recipe={recipe}"] + ([f"model.path={src['path']}"] if src["path"] and src["kind"] != "embedded" else [])
 
 
 def write_card(run_dir: str | Path) -> Path:
