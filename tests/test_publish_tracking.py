@@ -1,7 +1,8 @@
-"""tracking=mlflow: a 2-run sweep logged to a local MLflow file store; params, metrics and artifacts read back
-with MlflowClient and compared with the run folders' files."""
+"""Tracking: a 2-run sweep logged to a local MLflow file store and to a local ``mlflow server``, and a W&B
+offline run; params, metrics and artifacts read back and compared with the run folders' files."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -125,3 +126,67 @@ def test_wandb_offline_run_directory(make_ckpt, tmp_path):
     art = next(r.artifact for r in recs if r.WhichOneof("record_type") == "artifact")
     paths = {c.path for c in art.manifest.contents}
     assert art.type == "mxq-run" and {"plan.json", "metrics.json", "model/README.md"} <= paths
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    """``mlflow server`` on 127.0.0.1 (a free port), SQLite backend, artifacts proxied into tmp_path."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    if importlib.util.find_spec("mlflow.server") is None or importlib.util.find_spec("sqlalchemy") is None:
+        pytest.skip("the MLflow server needs the full mlflow package (not mlflow-skinny)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "server.log").open("w")  # noqa: SIM115 (closed in the finally below, after the server)
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{tmp_path / 'db.sqlite'}",
+                             "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(f"mlflow server exited: {(tmp_path / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not answer /health within 60 s")
+        yield url, tmp_path / "artifacts"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_two_run_sweep_to_server(make_ckpt, tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    url, art_root = mlflow_server
+    ckpt = make_ckpt("mxfp4", layers=2)
+    sweep = tmp_path / "sweep"
+    for i, recipe in enumerate(("baseline", "prune_25pct")):
+        cfg = compose_cfg(f"recipe={recipe}", *FAST, f"model.path={ckpt}", f"cache_dir={tmp_path / 'cache'}",
+                          "tracking=mlflow", f"tracking.uri={url}", "tracking.experiment=srv")
+        run(cfg, sweep / f"{i}_{recipe}")
+        track(cfg, sweep / f"{i}_{recipe}", sweep_dir=sweep)
+    client = MlflowClient(url)
+    runs = client.search_runs([client.get_experiment_by_name("srv").experiment_id], max_results=100)
+    parent = next(r for r in runs if r.data.tags.get("mxq.role") == "sweep")
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(children) == ["0_baseline", "1_prune_25pct"] and parent.info.status == "FINISHED"
+    for name, r in children.items():
+        assert r.data.params["recipe.name"] == name.split("_", 1)[1]
+        assert r.data.metrics == pytest.approx(run_metrics(sweep / name))
+    pr = children["1_prune_25pct"]
+    assert "plan.json" in {a.path for a in client.list_artifacts(pr.info.run_id)}
+    # the server stored the files it was sent (proxied artifacts), byte for byte
+    stored = next(art_root.rglob(f"{pr.info.run_id}/artifacts/model/README.md"))
+    assert stored.read_bytes() == (sweep / "1_prune_25pct" / "model" / "README.md").read_bytes()
