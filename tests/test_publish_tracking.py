@@ -142,7 +142,7 @@ def mlflow_server(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = (tmp_path / "server.log").open("w")  # noqa: SIM115 (closed in the finally below, after the server)
+    log = (tmp_path / "server.log").open("w")         # closed in the finally below, after the server
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{tmp_path / 'db.sqlite'}",
                              "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
