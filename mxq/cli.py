@@ -5,6 +5,7 @@
     mxq convert SRC --to gguf --out OUT        # == python -m mxq.convert ...
     mxq dequantize SRC OUT                     # == python -m mxq.dequantize ...
     mxq synth OUT --preset gpt_oss_20b         # == python -m mxq.synth ...
+    mxq publish RUN_DIR --repo-id NAME         # == python -m mxq.publish.hub ... (dry run unless --push)
 
 Each subcommand names a module with a ``main()``; the module is imported only when its subcommand runs, so
 ``mxq --help`` stays fast and a missing optional dependency fails only the command that needs it.
@@ -28,6 +29,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "convert": Subcommand("mxq.convert", "convert a checkpoint to another layout or engine format (gguf, ...)"),
     "dequantize": Subcommand("mxq.dequantize", "write a bf16 copy of a compressed checkpoint"),
     "synth": Subcommand("mxq.synth", "write a synthetic checkpoint in the exact gpt-oss layout"),
+    "publish": Subcommand("mxq.publish.hub", "check a run's export and upload it to the Hugging Face Hub (dry run)"),
 }
 
 

@@ -7,6 +7,7 @@ folders or a Hydra multirun folder.
 Writes ablation.md, ablation.csv (+ ablation_tasks.csv, ablation_paired.csv, ablation_seeds.csv) and
 pareto.png into ``--out`` (default: the first DIR) and prints a summary and the paired differences
 against the baseline in 80 columns; logic in ``mxq.evaluate.ablation``.
+``--html`` also writes one self-contained report.html (plots embedded; ``mxq.publish.html``).
 """
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     ap.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
     ap.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    ap.add_argument("--html", action="store_true",
+                    help="also write one self-contained report.html (mxq.publish.html): a run's, or a sweep's "
+                         "with every run's page")
     a = ap.parse_args(argv)
     import pandas as pd
 
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
                              [[_short(r["metric"]), _num(r["a"]), _num(r["delta"], 3),
                                interval_text(r["ci_low"], r["ci_high"]), p_text(r["p"]), r["verdict"]]
                               for _, r in sub.iterrows()]))
+    if a.html:
+        from .publish.html import write_html
+
+        paths["html"] = write_html(a.dirs, a.out)
     print()
     for k, p in paths.items():
         print(f"{k}: {p}")

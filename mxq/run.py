@@ -243,6 +243,10 @@ def _outputs(ctx: RunContext) -> None:
     from .evaluate import write_run_outputs
 
     write_run_outputs(ctx.run_dir, ctx.metrics)
+    if _exports(ctx):       # the card describes the export with the numbers just written (mxq.publish.card)
+        from .publish.card import write_card
+
+        write_card(ctx.run_dir)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> RunContext:
@@ -268,6 +272,9 @@ def run(cfg: DictConfig, run_dir: Path) -> RunContext:
             logging.getLogger().removeHandler(handler)
             handler.close()
     rundir.complete(run_dir)
+    from .publish.tracking import hydra_sweep_dir, track
+
+    track(cfg, run_dir, hydra_sweep_dir())      # tracking=mlflow: the finished folder's files (mxq.publish.tracking)
     return ctx
 
 

@@ -106,6 +106,9 @@ def synth(out: str | Path, preset: str = "tiny", experts: str = "mxfp4", seed: i
 
     def with_tokenizer(folder: Path) -> None:
         write_tokenizer_files(folder, TOKENIZER_KIND[preset])
+        # marks the weights as random, so a model card never presents numbers measured on them as a model's
+        (folder / "mxq_synthetic.json").write_text(json.dumps({"preset": preset, "experts": experts, "seed": seed,
+                                                               "overrides": overrides or {}}, indent=2) + "\n")
 
     subdirs["."] = with_tokenizer
     return write_checkpoint(out, hf, synth_stream(cfg, experts, seed, dev), None, generation_config(cfg),

@@ -15,7 +15,7 @@ from pathlib import Path
 CHECKPOINT_PATTERNS = (
     "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "mxq_manifest.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "training_log.json", "loss.png",
+    "training_log.json", "loss.png", "README.md", "mxq_synthetic.json",
 )
 CHECKPOINT_SUBDIRS = ("original",)
 
