@@ -16,7 +16,6 @@ items were cut from, and nothing here is tuned on the items: the scores are fixe
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -26,9 +25,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mxq.atomic import write_atomic
 from mxq.data.corpus import DOMAINS, load_text
 from mxq.data.evals import EVALS_DIR
+from mxq.data.floor_cli import floor_main
 
 WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
@@ -113,15 +112,7 @@ def measure(evals_dir: Path = EVALS_DIR) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mxq.data.nextsent_baseline", description=__doc__.splitlines()[0])
-    ap.add_argument("--evals_dir", default=str(EVALS_DIR))
-    ap.add_argument("--out", default=None, help="write the JSON here (atomically) as well as printing it")
-    args = ap.parse_args(argv)
-    text = json.dumps(measure(Path(args.evals_dir)), indent=1) + "\n"
-    if args.out:
-        write_atomic(args.out, text)
-    print(text, end="")
-    return 0
+    return floor_main("python -m mxq.data.nextsent_baseline", __doc__.splitlines()[0], measure, EVALS_DIR, argv)
 
 
 if __name__ == "__main__":

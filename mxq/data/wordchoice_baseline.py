@@ -18,8 +18,6 @@ Counts come from the *train* split only; nothing is tuned on the items.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -27,10 +25,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mxq.atomic import write_atomic
 from mxq.data.corpus import DOMAINS, load_text
 from mxq.data.eval_items import train_word_counts
 from mxq.data.evals import EVALS_DIR
+from mxq.data.floor_cli import floor_main
 from mxq.data.nextsent_baseline import accuracy, load_items
 
 WORD = re.compile(r"[A-Za-z]+")
@@ -79,15 +77,7 @@ def measure(evals_dir: Path = EVALS_DIR) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mxq.data.wordchoice_baseline", description=__doc__.splitlines()[0])
-    ap.add_argument("--evals_dir", default=str(EVALS_DIR))
-    ap.add_argument("--out", default=None, help="write the JSON here (atomically) as well as printing it")
-    args = ap.parse_args(argv)
-    text = json.dumps(measure(Path(args.evals_dir)), indent=1) + "\n"
-    if args.out:
-        write_atomic(args.out, text)
-    print(text, end="")
-    return 0
+    return floor_main("python -m mxq.data.wordchoice_baseline", __doc__.splitlines()[0], measure, EVALS_DIR, argv)
 
 
 if __name__ == "__main__":
