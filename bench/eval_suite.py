@@ -284,8 +284,9 @@ def main() -> None:
             "tasks": {t: {m: [v, *((le.get("ci") or {}).get(t, {}).get(m) or [None, None])]
                           for m, v in ms.items() if isinstance(v, (int, float))}
                       for t, ms in (le.get("tasks") or {}).items()}}
-    out = {"date": environment()["date"], "runs": runs, "env": {k: environment().get(k) for k in ("cpu", "cpu_count", "torch",
-                                                                                   "git_revision")},
+    env = environment()             # git and /proc are read once, not once per key
+    out = {"date": env["date"], "runs": runs,
+           "env": {k: env.get(k) for k in ("cpu", "cpu_count", "torch", "git_revision")},
            "command": "python bench/eval_suite.py " + " ".join(sys.argv[1:]), "wall_s": walls,
            "load_avg": os.getloadavg(), "floors": floors, "unigram_token_ppl": uni, "unigram_target_ppl": uni_t, "unigram_word_ppl": uni_w,
            "pooled": pool, "default_suite": list(DEFAULT_SUITE),

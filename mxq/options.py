@@ -67,6 +67,14 @@ def check_device(key: str, v: Any) -> None:
         raise OptionError(f"{key}={v!r}: unsupported device type {dev.type!r} (use auto, cpu or cuda)")
 
 
+def check_skip_beta(key: str, v: Any) -> None:
+    """Dynamic expert skipping (``mxq.model.skipping``): ``calibrated`` or a threshold in [0, 1]."""
+    if v == "calibrated":
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+        raise OptionError(f"{key}={v!r}: use null (off), a number in [0, 1], or calibrated")
+
+
 # config key -> check(key, value); keys absent from a config are skipped.
 RUN_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "device": check_device,
@@ -76,6 +84,7 @@ RUN_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "eval.perplexity.batch_size": _int_at_least(1),
     "eval.lm_eval.batch_size": _int_at_least(1),
     "eval.speed.repeats": _int_at_least(1),
+    "skip.beta": check_skip_beta,
 }
 
 

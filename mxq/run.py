@@ -190,16 +190,14 @@ def _skip(ctx: RunContext) -> None:
     beta = ctx.cfg.skip.beta
     from .model.skipping import calibrate_beta, set_skipping
 
-    if beta == "calibrated":
+    if beta == "calibrated":               # any other value is a number, checked with the run options
         if ctx.cfg.calib is None:
             raise ValueError("skip.beta=calibrated needs a calibration set (calib=...)")
         from .calib import build_calibration
 
         info = calibrate_beta(ctx.model, build_calibration(ctx.cfg.calib, ctx.tokenizer), ctx.cfg.batch_size)
-    elif isinstance(beta, (int, float)) and not isinstance(beta, bool):
-        info = {"beta": [float(beta)] * ctx.model.config.num_hidden_layers}
     else:
-        raise ValueError(f"skip.beta={beta!r}: use null (off), a number in [0, 1], or calibrated")
+        info = {"beta": [float(beta)] * ctx.model.config.num_hidden_layers}
     set_skipping(ctx.model, info["beta"])
     ctx.metrics["skip"] = info
     log.info("dynamic expert skipping (Lu et al. 2402.14800) on, beta per layer %s", info["beta"])
@@ -314,7 +312,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path) -> RunContext:
                 gpu_peak[st.name] = int(torch.cuda.max_memory_allocated(device))
     from .runmeta import environment
 
-    meta = {"env": environment(), "timings_s": ctx.timings, "wall_s": round(time.perf_counter() - t_run, 3),
+    meta = {"env": ctx.metrics.get("env") or environment(), "timings_s": ctx.timings, "wall_s": round(time.perf_counter() - t_run, 3),
             "gpu_peak_allocated_bytes": gpu_peak or None,
             "calib_tokens": getattr(ctx.stats, "tokens", None), "run_dir": str(run_dir),
             "weights": ctx.weight_check}

@@ -68,3 +68,15 @@ def test_calibrated_beta_is_the_mean_second_over_top_ratio(model):
     shares = info["skipped_share_per_slot"][0]
     assert len(shares) == model.config.num_experts_per_tok - 1
     assert shares == sorted(shares) and 0 < shares[0] < 1              # lower slots are skipped more often
+
+
+@pytest.mark.parametrize("beta", [1.5, -0.1, "often", True])
+def test_bad_skip_beta_is_refused_before_any_work(beta):
+    from omegaconf import OmegaConf
+
+    from mxq.options import OptionError, check_run_options
+
+    with pytest.raises(OptionError, match=r"^skip\.beta="):
+        check_run_options(OmegaConf.create({"skip": {"beta": beta}}))
+    for ok in (None, 0, 0.5, 1.0, "calibrated"):
+        check_run_options(OmegaConf.create({"skip": {"beta": ok}}))
