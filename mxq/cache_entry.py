@@ -44,6 +44,7 @@ def entry_lock(path: str | Path, timeout: float = LOCK_TIMEOUT_S) -> FileLock:
 
 
 def file_digest(path: Path, chunk: int = 16 << 20) -> str:
+    """XXH3-128 of a file's bytes (cache entries, and the checkpoint hashes of ``mxq.stats.cache``)."""
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while block := f.read(chunk):

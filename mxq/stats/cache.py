@@ -16,20 +16,12 @@ import torch
 import xxhash
 
 from ..atomic import write_atomic
+from ..cache_entry import file_digest
 
-CHUNK = 16 * 1024 * 1024  # bytes read per update
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MXQ_CACHE", Path.home() / ".cache" / "mxq")).expanduser()
-
-
-def _file_digest(path: Path) -> str:
-    h = xxhash.xxh3_128()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_hash(folder: str | Path, memo: str | Path | None = None) -> str:
@@ -48,7 +40,7 @@ def model_hash(folder: str | Path, memo: str | Path | None = None) -> str:
         st = f.stat()
         key = f"{f}|{st.st_size}|{st.st_mtime_ns}"
         if key not in table:
-            table[key], changed = _file_digest(f), True
+            table[key], changed = file_digest(f), True
         h.update(f"{f.name}:{table[key]}\n".encode())
     if changed:
         try:
