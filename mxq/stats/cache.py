@@ -19,7 +19,6 @@ from ..atomic import write_atomic
 from ..cache_entry import file_digest
 
 
-
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MXQ_CACHE", Path.home() / ".cache" / "mxq")).expanduser()
 
