@@ -64,39 +64,14 @@ def _tmp_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}."
 
 
-def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync it, then ``os.replace`` it into place.
-
-    Why: a crash or Ctrl-C mid-write must leave either the old file or none, never a truncated one that a
-    later run would trust. The temp file sits in the same folder so the rename stays on one filesystem.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def save_safetensors_atomic(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` into a temp file beside ``path``, made 0644, fsynced and renamed."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[tuple[int, str]]:
+    """``(fd, tmp)`` of a new temp file beside ``path`` for the caller to fill (and close ``fd``); on success
+    the file is made ``file_mode()``, fsynced and renamed over ``path``, on any error deleted."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        yield fd, tmp
         os.chmod(tmp, file_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -105,6 +80,26 @@ def save_safetensors_atomic(path: str | Path, tensors: dict, metadata: dict[str,
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write ``data`` to a temp file beside ``path``, fsync it, then ``os.replace`` it into place.
+
+    Why: a crash or Ctrl-C mid-write must leave either the old file or none, never a truncated one that a
+    later run would trust. The temp file sits in the same folder so the rename stays on one filesystem.
+    """
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    with _replacing(Path(path)) as (fd, _), os.fdopen(fd, "wb") as f:
+        f.write(raw)
+
+
+def save_safetensors_atomic(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` into a temp file beside ``path``, made 0644, fsynced and renamed."""
+    from safetensors.torch import save_file
+
+    with _replacing(Path(path)) as (fd, tmp):
+        os.close(fd)
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def partial_name(path: Path, kind: str = "partial") -> Path:
