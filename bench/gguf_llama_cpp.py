@@ -24,6 +24,26 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def llama_nll(gguf: Path, tokens: list[int], windows, n_ctx: int, **llama_kw) -> tuple[float, int]:
+    """llama.cpp's summed negative log-likelihood (nats) and scored-token count over mxq's windows
+    (``mxq.evaluate.perplexity.sliding_windows``): each window from a reset context, scoring its positions
+    ``first .. end-1`` as mxq's ``target_logprobs`` does."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                          verbose=False, **llama_kw)
+    nll, n = 0.0, 0
+    for w in windows:
+        llm.reset()
+        llm.eval(tokens[w.begin:w.end])
+        lg = np.asarray(llm.scores[: w.end - w.begin], dtype=np.float64)                # [W, V]
+        lp = lg - np.logaddexp.reduce(lg, axis=-1, keepdims=True)
+        for pos in range(w.first, w.end):
+            nll -= lp[pos - 1 - w.begin, tokens[pos]]
+            n += 1
+    return nll, n
+
+
 def score(src: Path, gguf: Path, domain: str, chars: int, window: int) -> dict:
     import llama_cpp
 
@@ -37,17 +57,8 @@ def score(src: Path, gguf: Path, domain: str, chars: int, window: int) -> dict:
     vocab = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
     same = vocab.tokenize(text.encode(), add_bos=False, special=False) == ids
     wins = sliding_windows(len(ids), window, window)
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=window, n_batch=window, n_ubatch=window, logits_all=True,
-                          verbose=False)
-    t0, nll, n = time.perf_counter(), 0.0, 0
-    for w in wins:
-        llm.reset()
-        llm.eval(ids[w.begin:w.end])
-        lg = np.asarray(llm.scores[: w.end - w.begin], dtype=np.float64)                # [W, V]
-        lp = lg - np.logaddexp.reduce(lg, axis=-1, keepdims=True)
-        for pos in range(w.first, w.end):
-            nll -= lp[pos - 1 - w.begin, ids[pos]]
-            n += 1
+    t0 = time.perf_counter()
+    nll, n = llama_nll(gguf, ids, wins, window)
     t_llama = time.perf_counter() - t0
     model = mxq.load_model(src, dtype=torch.float32)
     t0 = time.perf_counter()

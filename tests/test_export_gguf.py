@@ -187,24 +187,10 @@ def _heldout(tokenizer, n_chars: int = 6000) -> tuple[str, list[int]]:
     return text, tokenizer(text, add_special_tokens=False).input_ids
 
 
-def _llama_nll(path, tokens: list[int], windows) -> tuple[float, int]:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=1024, n_ubatch=1024, logits_all=True,
-                          verbose=False, n_threads=2)
-    nll, n = 0.0, 0
-    for w in windows:
-        llm.reset()
-        llm.eval(tokens[w.begin:w.end])
-        logits = np.asarray(llm.scores[: w.end - w.begin], dtype=np.float64)           # [W, V]
-        lp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-        for pos in range(w.first, w.end):
-            nll -= lp[pos - 1 - w.begin, tokens[pos]]
-            n += 1
-    return nll, n
-
-
 @needs_llama
 @pytest.mark.parametrize("which", ["base", "pruned"])
 def test_llama_cpp_scores_heldout_text_like_mxq(ggufs, which):
+    from bench.gguf_llama_cpp import llama_nll
     from mxq.evaluate.perplexity import sliding_windows, target_logprobs
 
     src_dir, path = ggufs[which]
@@ -214,7 +200,7 @@ def test_llama_cpp_scores_heldout_text_like_mxq(ggufs, which):
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids     # token for token
     max_len = 512
     windows = sliding_windows(len(ids), max_len, max_len)
-    nll, n = _llama_nll(path, ids, windows)
+    nll, n = llama_nll(path, ids, windows, 1024, n_threads=2)
     model = mxq.load_model(src_dir, dtype=torch.float32)
     lp = target_logprobs(model, torch.tensor(ids), max_len, max_len, batch_size=4)
     ppl_mxq, ppl_llama = math.exp(-float(lp.double().sum()) / lp.numel()), math.exp(nll / n)
