@@ -35,13 +35,13 @@ from bench.memwatch import PeakRSS  # noqa: E402
 def make_plan(src: Path, fraction: float, seed: int):
     """A random prune plan over the checkpoint's experts (kept experts stay in their source format)."""
     from mxq.plan import Plan
-    from mxq.plan.recipe import pruned_count
+    from mxq.plan.plan import removed_count
     from mxq.plan.scores import choose_pruned
     from mxq.io.sources import open_source
 
     s = open_source(src)
     cfg = s.config
-    n = pruned_count(fraction, cfg.num_local_experts)
+    n = removed_count(fraction, cfg.num_local_experts)
     pruned, notes, info = choose_pruned(cfg, None, "random", n, True, seed)
     rows = [["prune" if e in set(p) else f for e, f in enumerate(s.formats(i))] for i, p in enumerate(pruned)]
     return Plan(rows, planner="prune", recipe={"prune": {"fraction": fraction, "criterion": "random", "seed": seed}},

@@ -185,7 +185,7 @@ def test_tied_uncalibrated_experts_prune_the_lower_index():
 @pytest.mark.parametrize("fraction,E,count", [(0.25, 6, 1), (0.5, 7, 3), (0.3, 10, 3), (0.99, 32, 31),
                                               (0.125, 32, 4), (0.7, 10, 7), (1 / 3, 12, 4), (0.1, 4, 0)])
 def test_pruned_count_is_floor_of_fraction_times_experts(fraction, E, count):
-    from mxq.plan.recipe import pruned_count
+    from mxq.plan.plan import removed_count as pruned_count
 
     assert pruned_count(fraction, E) == count == math.floor(fraction * E + 1e-9)
 

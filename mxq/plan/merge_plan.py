@@ -22,8 +22,7 @@ import torch
 
 from ..formats import get_format
 from .merge_groups import GROUPINGS, LayerData
-from .merge_recipe import merged_count
-from .plan import PRUNE, Plan, PlanError
+from .plan import PRUNE, Plan, PlanError, removed_count
 from .scores import as_numpy, check_stats, super_experts, uncalibrated
 
 
@@ -72,7 +71,7 @@ def plan_merge(recipe: dict, stats, model, new_plan: Callable[[dict, list[list[s
     """The merge plan of a validated recipe (see the module docstring)."""
     m, cfg = recipe["merge"], model.config
     L, E = cfg.num_hidden_layers, cfg.num_local_experts
-    K = E - merged_count(m["fraction"], E)
+    K = E - removed_count(m["fraction"], E)
     if stats is not None:
         check_stats(stats, cfg)
     supers = super_experts(stats) if (stats is not None and m["protect_super"]) else set()

@@ -9,17 +9,11 @@ from typing import Any
 
 from .merge import ROUTER_MODES
 from .merge_groups import GROUPINGS, NEEDS_OUTPUTS
-from .plan import PlanError
+from .plan import PlanError, kept_experts
 
 WEIGHTINGS = ("frequency", "saliency", "uniform")
 MERGE_DEFAULTS: dict[str, Any] = {"fraction": 0.0, "grouping": "hc_smoe", "weighting": "frequency",
                                   "router": "lse", "align": True, "protect_super": True}
-
-
-def merged_count(fraction: float, num_experts: int) -> int:
-    """Experts merged away per layer: floor(fraction * E), the same count in every layer (one global
-    ``num_local_experts`` per checkpoint), as for pruning."""
-    return int(fraction * num_experts + 1e-9)
 
 
 def _fail(option: str, value: Any, why: str) -> None:
@@ -45,11 +39,7 @@ def validate_merge(r: dict[str, Any], config) -> int:
     frac = m["fraction"]
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 < frac < 1.0:
         _fail("fraction", frac, "must be a number in (0, 1): the share of experts merged away in every layer")
-    E, k = config.num_local_experts, config.num_experts_per_tok
-    kept = E - merged_count(frac, E)
-    if kept < k:
-        _fail("fraction", frac, f"keeps {kept} of {E} experts per layer, fewer than num_experts_per_tok={k} "
-              "(top-k must not exceed the experts kept)")
+    kept = kept_experts("recipe.merge.fraction", frac, config)
     if m["grouping"] not in GROUPINGS:
         _fail("grouping", m["grouping"], f"unknown grouping; choose from {', '.join(GROUPINGS)}")
     if m["weighting"] not in WEIGHTINGS:

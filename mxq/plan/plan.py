@@ -36,6 +36,23 @@ class PlanError(ValueError):
     """A plan or recipe that cannot be carried out; the message names the offending option or entry."""
 
 
+def removed_count(fraction: float, num_experts: int) -> int:
+    """Experts removed per layer, pruned or merged away: floor(fraction * E), the same in every layer (a
+    checkpoint has one ``num_local_experts``)."""
+    return int(fraction * num_experts + 1e-9)
+
+
+def kept_experts(option: str, fraction: float, config) -> int:
+    """Experts a layer keeps after removing ``fraction`` of them; a ``PlanError`` naming ``option`` when
+    fewer than top-k would remain (the router could not pick k distinct experts)."""
+    E, k = config.num_local_experts, config.num_experts_per_tok
+    kept = E - removed_count(fraction, E)
+    if kept < k:
+        raise PlanError(f"{option}={fraction!r}: keeps {kept} of {E} experts per layer, fewer than "
+                        f"num_experts_per_tok={k} (top-k must not exceed the experts kept)")
+    return kept
+
+
 def expert_shapes(config) -> dict[str, tuple[int, int]]:
     """Logical [out, in] shapes of one expert's two matrices ([2I, H] and [H, I])."""
     H, I = config.hidden_size, config.intermediate_size

@@ -26,8 +26,8 @@ from ..formats.convert import relative_errors
 from .allocate import SOLVERS
 from .apply import source_formats
 from .merge_plan import plan_merge as _plan_merge
-from .plan import PRUNE, Plan, PlanError, expert_shapes
-from .recipe import KEEP, MIXED, pruned_count
+from .plan import PRUNE, Plan, PlanError, expert_shapes, removed_count
+from .recipe import KEEP, MIXED
 from .scores import choose_pruned, importance_table
 
 
@@ -71,7 +71,7 @@ def plan_uniform(recipe: dict, stats, model) -> Plan:
 
 def _prune(recipe: dict, stats, model) -> tuple[list[list[int]], list[str], dict]:
     p, cfg = recipe["prune"], model.config
-    n = pruned_count(p["fraction"], cfg.num_local_experts)
+    n = removed_count(p["fraction"], cfg.num_local_experts)
     return choose_pruned(cfg, stats, p["criterion"], n, p["protect_super"], p["seed"])
 
 

@@ -47,6 +47,3 @@ def recipe_dict(recipe: Any) -> dict[str, Any]:
     return out
 
 
-def pruned_count(fraction: float, num_experts: int) -> int:
-    """Experts dropped per layer: floor(fraction * E) (the same in every layer: one ``num_local_experts``)."""
-    return int(fraction * num_experts + 1e-9)

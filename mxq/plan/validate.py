@@ -10,9 +10,9 @@ from typing import Any
 
 from ..formats import FormatError, get_format, list_formats
 from .merge_recipe import validate_merge
-from .plan import DENSE_FORMATS, PlanError, expert_shapes, format_nbytes
+from .plan import DENSE_FORMATS, PlanError, expert_shapes, format_nbytes, kept_experts
 from .planners import PLANNERS
-from .recipe import CRITERIA, IMPORTANCE, KEEP, MIXED, SCOPES, SOLVERS, STATS_CRITERIA, pruned_count, recipe_dict
+from .recipe import CRITERIA, IMPORTANCE, KEEP, MIXED, SCOPES, SOLVERS, STATS_CRITERIA, recipe_dict
 from .router_repair import validate_repair
 
 
@@ -43,11 +43,7 @@ def _validate_prune(r: dict, config) -> int:
     frac = p["fraction"]
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac < 1.0:
         _fail("prune.fraction", frac, "must be a number in [0, 1)")
-    E, k = config.num_local_experts, config.num_experts_per_tok
-    kept = E - pruned_count(frac, E)
-    if kept < k:
-        _fail("prune.fraction", frac, f"keeps {kept} of {E} experts per layer, fewer than num_experts_per_tok={k} "
-              "(top-k must not exceed the experts kept)")
+    kept = kept_experts("recipe.prune.fraction", frac, config)
     if p["criterion"] not in CRITERIA:
         _fail("prune.criterion", p["criterion"], f"unknown criterion; choose from {', '.join(CRITERIA)}")
     if p["criterion"] in STATS_CRITERIA:
