@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.decode import checkpoint, copy_bandwidth, sync  # noqa: E402
+from bench.kernel_bench import event_median_ms  # noqa: E402
 
 
 def graph_time_us(fn, reps: int = 10) -> float:
@@ -36,16 +37,9 @@ def graph_time_us(fn, reps: int = 10) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        sync()
-        times.append(e0.elapsed_time(e1) * 1e3)
+    us = event_median_ms(g.replay, reps, warmup=0) * 1e3
     del g
-    return statistics.median(times)
+    return us
 
 
 def step_profile(rt, st) -> dict:
