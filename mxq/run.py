@@ -178,10 +178,17 @@ def _plan(ctx: RunContext) -> None:
 @stage("reload", when=_exports)
 def _reload(ctx: RunContext) -> None:
     """From here on the run measures the exported folder as a user loads it, not the in-memory model."""
-    exported = ctx.run_dir / "model"
-    from .evaluate.reload import reload_exported
+    import gc
 
-    ctx.model = reload_exported(ctx.model, exported, ctx.device, ctx.dtype)
+    from .evaluate.reload import fingerprint, reload_checked
+
+    exported = ctx.run_dir / "model"
+    expected = fingerprint(ctx.model)
+    ctx.model = None                       # the planned model leaves memory before the export is loaded
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    ctx.model = reload_checked(exported, expected, ctx.device, ctx.dtype)
     ctx.metrics["evaluated"] = {"model": str(exported), "reloaded_from_disk": True}
 
 
